@@ -1,0 +1,48 @@
+"""Cheat reports go to the host's ``on_cheat`` handler, each in an owned task; a raise is reported."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import reactivex
+from reactivex.subject import Subject
+
+from streams.protocol import V0JobCheated
+from streams.tasks import TaskOwner
+
+CheatHandler = Callable[[V0JobCheated], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CheatHandlerFailure:
+    report: V0JobCheated
+    error: BaseException
+
+
+class CheatReportHandler:
+    def __init__(self, handler: CheatHandler | None) -> None:
+        if handler is not None and not callable(handler):
+            raise TypeError(f"on_cheat must be an async function, got {type(handler).__name__}")
+        self._handler = handler
+        self._tasks = TaskOwner("cheat-reports")
+        self._failures: Subject[CheatHandlerFailure] = Subject()
+
+    @property
+    def failures(self) -> reactivex.Observable[CheatHandlerFailure]:
+        return self._failures
+
+    def submit(self, report: V0JobCheated) -> None:
+        if self._handler is None:
+            return
+        self._tasks.start(self._run(self._handler, report), report.job_uuid)
+
+    async def _run(self, handler: CheatHandler, report: V0JobCheated) -> None:
+        try:
+            await handler(report)
+        except Exception as exc:
+            self._failures.on_next(CheatHandlerFailure(report, exc))
+
+    async def stop(self) -> None:
+        await self._tasks.aclose()
+        self._failures.on_completed()

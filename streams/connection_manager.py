@@ -1,0 +1,269 @@
+"""ConnectionManager: connect, authenticate, read, and reconnect forever with jittered backoff.
+
+It is the only owner of the transport's lifecycle. It publishes the connection state (a
+BehaviorSubject), the inbound frames of authenticated connections, and a record of every attempt,
+success, rejection and disconnect (``changes``) from which the PerformanceMonitor builds its
+events and metrics. Nothing but the auth request is ever sent before a ``success`` Response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import reactivex
+
+from operators import Backoff
+from streams.config import ClientConfig
+from streams.events import ConnectionState
+from streams.safe_subject import SafeBehaviorSubject, SafeSubject
+from streams.protocol import DecodeError, Response, Signer, V0AuthenticationRequest, decode, encode
+from streams.transport import CloseInfo, Transport, TransportClosed, TransportConnectError, TransportError
+
+log = logging.getLogger(__name__)
+
+Frame = str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAttempt:
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    attempt: int
+    info: CloseInfo
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    connection_id: int
+    connect_duration: float
+    """Seconds from the start of the attempt to the auth success."""
+    downtime: float | None
+    """Seconds since the previous connection ended (None for the first one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRejected:
+    response: Response | None
+    """The facilitator's error Response; None when it answered something else or timed out."""
+    description: str
+    info: CloseInfo | None
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    connection_id: int
+    info: CloseInfo
+    lived: float
+    """Seconds the authenticated connection stayed up."""
+    retry_in: float | None
+    """Backoff before the next attempt; None when the client is stopping."""
+
+
+ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | Disconnected
+
+
+class AuthenticationFailed(Exception):
+    def __init__(self, description: str, response: Response | None = None) -> None:
+        super().__init__(description)
+        self.response = response
+
+
+class ConnectionManager:
+    """Owns one Transport; ``run()`` keeps it connected and authenticated until ``stop()``."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        signer: Signer,
+        transport: Transport,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._signer = signer
+        self._transport = transport
+        self._clock = clock
+        self._backoff = Backoff(
+            base=config.backoff_base,
+            cap=config.backoff_cap,
+            stable_after=config.backoff_stable_after,
+            rng=random.Random(config.backoff_seed),
+        )
+        self._state: SafeBehaviorSubject[ConnectionState] = SafeBehaviorSubject(ConnectionState.DISCONNECTED)
+        self._frames: SafeSubject[Frame] = SafeSubject()
+        self._changes: SafeSubject[ConnectionChange] = SafeSubject()
+        self._stopping = asyncio.Event()
+        self._connection_id = 0
+        self._attempt = 0
+        self._last_down: float | None = None
+
+    # -- observables -------------------------------------------------------------------------
+    @property
+    def state(self) -> reactivex.Observable[ConnectionState]:
+        return self._state
+
+    @property
+    def current_state(self) -> ConnectionState:
+        return self._state.value
+
+    @property
+    def frames(self) -> reactivex.Observable[Frame]:
+        """Inbound frames of authenticated connections, on the event loop thread."""
+        return self._frames
+
+    @property
+    def changes(self) -> reactivex.Observable[ConnectionChange]:
+        return self._changes
+
+    @property
+    def is_connected(self) -> bool:
+        return self._state.value is ConnectionState.CONNECTED
+
+    @property
+    def connection_id(self) -> int:
+        return self._connection_id
+
+    # -- sending -----------------------------------------------------------------------------
+    async def send(self, frame: str) -> None:
+        """Send on the authenticated connection; raises TransportClosed when there is none."""
+        if self._state.value is not ConnectionState.CONNECTED:
+            raise TransportClosed(CloseInfo(None, "not connected", None))
+        await self._transport.send(frame)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect, authenticate, read; on any failure back off and try again, until stop()."""
+        try:
+            while not self._stopping.is_set():
+                delay = await self._connect_once()
+                if self._stopping.is_set():
+                    break
+                await self._sleep(delay)
+        finally:
+            if self._transport.is_connected():
+                self._transport.abort()
+            self._set_state(ConnectionState.DISCONNECTED)
+
+    async def stop(self) -> None:
+        """Close the connection with 1000 and end run() (its caller awaits it)."""
+        self._stopping.set()
+        if self._transport.is_connected():
+            try:
+                await self._transport.close(1000, "client stopping")
+            except TransportError as exc:  # a close that fails still ends the connection
+                log.debug("close failed: %s", exc)
+
+    def complete(self) -> None:
+        self._frames.on_completed()
+        self._changes.on_completed()
+        self._state.on_completed()
+
+    # -- internals ---------------------------------------------------------------------------
+    async def _connect_once(self) -> float:
+        """One connection's whole life. Returns the delay before the next attempt."""
+        self._attempt += 1
+        started = self._clock()
+        self._set_state(ConnectionState.CONNECTING)
+        self._changes.on_next(ConnectAttempt(self._attempt))
+        try:
+            await self._transport.connect()
+        except TransportConnectError as exc:
+            self._set_state(ConnectionState.DISCONNECTED)
+            delay = self._backoff.next_delay()
+            self._changes.on_next(ConnectFailed(self._attempt, exc.info, delay))
+            return delay
+
+        self._set_state(ConnectionState.AUTHENTICATING)
+        try:
+            await self._authenticate()
+        except AuthenticationFailed as exc:
+            info = await self._await_close()
+            self._set_state(ConnectionState.DISCONNECTED)
+            delay = self._config.backoff_cap
+            self._changes.on_next(AuthRejected(exc.response, str(exc), info, delay))
+            return delay
+        except TransportClosed as exc:
+            self._set_state(ConnectionState.DISCONNECTED)
+            delay = self._backoff.next_delay()
+            self._changes.on_next(ConnectFailed(self._attempt, exc.info, delay))
+            return delay
+
+        self._connection_id += 1
+        now = self._clock()
+        downtime = None if self._last_down is None else now - self._last_down
+        self._backoff.connection_up(now)
+        self._changes.on_next(Connected(self._connection_id, now - started, downtime))
+        self._set_state(ConnectionState.CONNECTED)
+        info = await self._read_until_closed()
+        ended = self._clock()
+        self._last_down = ended
+        self._backoff.connection_down(ended)
+        stopping = self._stopping.is_set()
+        retry_in = None if stopping else self._backoff.next_delay()
+        self._changes.on_next(Disconnected(self._connection_id, info, ended - now, retry_in))
+        self._set_state(ConnectionState.DISCONNECTED)
+        return retry_in or 0.0
+
+    async def _authenticate(self) -> None:
+        frame = encode(V0AuthenticationRequest.from_signer(self._signer))
+        await self._transport.send(frame)
+        try:
+            async with asyncio.timeout(self._config.auth_timeout):
+                reply = await self._transport.recv()
+        except TimeoutError:
+            raise AuthenticationFailed(
+                f"no auth response within {self._config.auth_timeout:g} s"
+            ) from None
+        try:
+            message = decode(reply)
+        except DecodeError as exc:
+            raise AuthenticationFailed(f"unreadable auth response: {exc}") from None
+        if not isinstance(message, Response):
+            raise AuthenticationFailed(
+                f"expected an auth Response, got {type(message).__name__}"
+            )
+        if not message.is_success:
+            raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
+
+    async def _await_close(self) -> CloseInfo | None:
+        """After a rejected auth the facilitator closes (3000/3001): wait briefly to learn the code."""
+        try:
+            async with asyncio.timeout(self._config.close_timeout):
+                while True:
+                    await self._transport.recv()
+        except TransportClosed as exc:
+            return exc.info
+        except TimeoutError:
+            await self._transport.close(1000, "auth rejected")
+            return self._transport.close_info
+
+    async def _read_until_closed(self) -> CloseInfo:
+        try:
+            while True:
+                frame = await self._transport.recv()
+                self._frames.on_next(frame)
+        except TransportClosed as exc:
+            return exc.info
+
+    async def _sleep(self, delay: float) -> None:
+        if delay <= 0:
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if self._state.value is not state:
+            self._state.on_next(state)

@@ -1,0 +1,50 @@
+"""SystemEvents: what happened to the client, in a shape a host can persist as-is."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EventType(enum.StrEnum):
+    CONNECTED = "CONNECTED"
+    DISCONNECTED = "DISCONNECTED"
+    CONNECT_FAILED = "CONNECT_FAILED"
+    AUTH_FAILED = "AUTH_FAILED"
+    ERROR_RESPONSE = "ERROR_RESPONSE"
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+    MESSAGE_DROPPED = "MESSAGE_DROPPED"
+    JOB_DISPATCH_FAILED = "JOB_DISPATCH_FAILED"
+    CHEAT_HANDLER_FAILED = "CHEAT_HANDLER_FAILED"
+    UNEXPECTED_RESPONSE = "UNEXPECTED_RESPONSE"
+    SOURCE_FAILED = "SOURCE_FAILED"
+    SUBSCRIBER_FAILED = "SUBSCRIBER_FAILED"
+
+
+class ConnectionState(enum.StrEnum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    AUTHENTICATING = "authenticating"
+    CONNECTED = "connected"
+
+
+@dataclass(frozen=True, slots=True)
+class SystemEvent:
+    """One observable fact about the client; ``data`` is always JSON-able."""
+
+    type: EventType
+    subtype: str
+    description: str
+    data: dict[str, Any] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": str(self.type),
+            "subtype": self.subtype,
+            "description": self.description,
+            "data": self.data,
+            "timestamp": self.timestamp,
+        }

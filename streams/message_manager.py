@@ -1,0 +1,354 @@
+"""MessageManager: the outbox, the send loop and acknowledgement tracking.
+
+    merged sources ─► envelope (encode once) ─► hold_while_disconnected(gate) ─► wire queue ─► send loop ─► transport
+                                                      ▲ gate = connected and wire queue not full       │
+                                                      └──────────────── backpressure ◄─────────────────┘
+    responses ─► match_acks(sent-for-ack, responses, connected) ─► Acked / Unacked (resend first)
+
+The hold operator is the outbox: it keeps order, applies the per-type policies and the bounds, and
+reports every drop. The wire queue is a short hand-off (``wire_queue_size``) to the one task that
+writes frames. Heartbeats skip the queue through a one-slot priority lane: they are liveness, not
+data, and must never wait behind a backlog. Status updates stay in flight until their Response;
+the ones a dropped connection leaves unanswered go back to the front of the wire queue, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import reactivex
+from reactivex import operators as ops
+from reactivex.abc import DisposableBase
+from reactivex.disposable import CompositeDisposable
+from reactivex.subject import BehaviorSubject, Subject
+
+from operators import Acked, Dropped, HoldPolicy, Unacked, UnexpectedResponse, hold_while_disconnected, match_acks
+from streams.config import ClientConfig
+from streams.connection_manager import ConnectionManager
+from streams.events import ConnectionState
+from streams.protocol import OutboundMessage, Response, encode
+from streams.transport import TransportClosed
+
+STATUS_KIND = "V0JobStatusUpdate"
+SPEC_KIND = "V0MachineSpecsUpdate"
+HEARTBEAT_KIND = "V0Heartbeat"
+
+POLICIES: dict[str, HoldPolicy] = {
+    HEARTBEAT_KIND: HoldPolicy.KEEP_LATEST,
+    SPEC_KIND: HoldPolicy.KEEP_BOUNDED,
+    STATUS_KIND: HoldPolicy.KEEP_ALL,
+}
+
+
+@dataclass(slots=True, eq=False)
+class Envelope:
+    """One outbound message, encoded once, as it travels through the outbox."""
+
+    kind: str
+    frame: str
+    policy: HoldPolicy
+    enqueued_at: float
+    job_uuid: str | None = None
+    status: str | None = None
+    sends: int = 0
+    sent_at: float = 0.0
+
+    @property
+    def expects_ack(self) -> bool:
+        return self.kind == STATUS_KIND
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    envelope: Envelope
+    at: float
+    connection_id: int
+
+    @property
+    def resend(self) -> bool:
+        return self.envelope.sends > 1
+
+
+@dataclass(frozen=True, slots=True)
+class AckOutcome:
+    envelope: Envelope
+    response: Response
+    outcome: str
+    """``success``, ``duplicate`` (``job.integrity_error``: already stored) or ``error``."""
+    latency: float
+    """Seconds from the (last) send to the Response."""
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    envelopes: tuple[Envelope, ...]
+    connection_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Depth:
+    held: int
+    held_bytes: int
+    wire: int
+    in_flight: int
+
+    @property
+    def pending(self) -> int:
+        return self.held + self.wire + self.in_flight
+
+
+def _is_connected(state: ConnectionState) -> bool:
+    return state is ConnectionState.CONNECTED
+
+
+def envelope_of(message: OutboundMessage, now: float) -> Envelope:
+    kind = message.message_type
+    policy = POLICIES.get(kind)
+    if policy is None:
+        raise ValueError(f"{kind} is not sent through the outbox")
+    uuid = getattr(message, "uuid", None)
+    status = getattr(message, "status", None)
+    return Envelope(kind, encode(message), policy, now, uuid, None if status is None else str(status))
+
+
+class MessageManager:
+    """The outbox and its send loop. ``run()`` sends until cancelled; ``drain()`` waits for empty."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        connection: ConnectionManager,
+        responses: reactivex.Observable[Response],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._connection = connection
+        self._responses = responses
+        self._clock = clock
+        self._direct: Subject[OutboundMessage] = Subject()
+        self._sources: list[reactivex.Observable[OutboundMessage]] = [self._direct]
+        self._gate: BehaviorSubject[bool] = BehaviorSubject(False)
+        self._for_ack: Subject[Envelope] = Subject()
+        self._wire: deque[Envelope] = deque()
+        self._heartbeat: Envelope | None = None
+        self._in_flight = 0
+        self._held = 0
+        self._held_bytes = 0
+        self._broken_connection = -1
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._subscriptions = CompositeDisposable()
+        self._started = False
+
+        self._sent: Subject[Sent] = Subject()
+        self._dropped: Subject[Dropped[Envelope]] = Subject()
+        self._acks: Subject[AckOutcome] = Subject()
+        self._requeued: Subject[Requeued] = Subject()
+        self._unexpected: Subject[Response] = Subject()
+        self._depth: BehaviorSubject[Depth] = BehaviorSubject(Depth(0, 0, 0, 0))
+
+    # -- observables for the monitor and hosts ----------------------------------------------
+    @property
+    def sent(self) -> reactivex.Observable[Sent]:
+        return self._sent
+
+    @property
+    def dropped(self) -> reactivex.Observable[Dropped[Envelope]]:
+        return self._dropped
+
+    @property
+    def acks(self) -> reactivex.Observable[AckOutcome]:
+        return self._acks
+
+    @property
+    def requeued(self) -> reactivex.Observable[Requeued]:
+        return self._requeued
+
+    @property
+    def unexpected_responses(self) -> reactivex.Observable[Response]:
+        return self._unexpected
+
+    @property
+    def depth(self) -> reactivex.Observable[Depth]:
+        return self._depth
+
+    @property
+    def current_depth(self) -> Depth:
+        return self._depth.value
+
+    # -- input ---------------------------------------------------------------------------------
+    def add_source(self, source: reactivex.Observable[OutboundMessage]) -> None:
+        """Merge another outbound source; all sources are wired before ``start()``."""
+        if self._started:
+            raise RuntimeError("add_source() must be called before start()")
+        self._sources.append(source)
+
+    def enqueue(self, message: OutboundMessage) -> None:
+        """Queue one message (encoded once, here)."""
+        self._direct.on_next(message)
+
+    def retry(self, envelope: Envelope) -> None:
+        """Put an envelope back at the front of the wire queue (it goes out next)."""
+        self._wire.appendleft(envelope)
+        self._publish_depth()
+        self._wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Wire the pipeline (synchronously, before any frame flows)."""
+        if self._started:
+            raise RuntimeError("MessageManager already started")
+        self._started = True
+        connected: reactivex.Observable[bool] = self._connection.state.pipe(
+            ops.map(_is_connected), ops.distinct_until_changed()
+        )
+
+        def wrap(message: OutboundMessage) -> Envelope:
+            return envelope_of(message, self._clock())
+
+        merged: reactivex.Observable[OutboundMessage] = reactivex.merge(*self._sources)
+        envelopes: reactivex.Observable[Envelope] = merged.pipe(ops.map(wrap))
+        outbox = envelopes.pipe(
+            hold_while_disconnected(
+                self._gate,
+                lambda envelope: envelope.policy,
+                max_count=self._config.outbox_max_messages,
+                max_bytes=self._config.outbox_max_bytes,
+                size_of=lambda envelope: len(envelope.frame),
+                on_dropped=self._on_dropped,
+                on_depth=self._on_held_depth,
+            ),
+        )
+        self._subscriptions.add(connected.subscribe(self._on_connected))
+        self._subscriptions.add(
+            match_acks(self._for_ack, self._responses, connected).subscribe(self._on_ack_event)
+        )
+        self._subscriptions.add(outbox.subscribe(self._to_wire))
+
+    async def run(self) -> None:
+        """The send loop: the only writer of frames. Runs until cancelled."""
+        while True:
+            envelope = self._next_ready()
+            if envelope is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            connection_id = self._connection.connection_id
+            envelope.sends += 1
+            envelope.sent_at = self._clock()
+            if envelope.expects_ack:
+                self._in_flight += 1
+                self._for_ack.on_next(envelope)
+            try:
+                await self._connection.send(envelope.frame)
+            except TransportClosed:
+                # The connection is dead; its reader will notice. Unacknowledged status updates come
+                # back through match_acks; anything else goes back to the front, in order.
+                self._broken_connection = connection_id
+                if not envelope.expects_ack and envelope.policy is not HoldPolicy.KEEP_LATEST:
+                    envelope.sends -= 1
+                    self._wire.appendleft(envelope)
+                self._publish_depth()
+                continue
+            self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
+            self._update_gate()
+            self._publish_depth()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is held, queued or in flight; False if the timeout came first."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.current_depth.pending or self._heartbeat is not None:
+                    if not self._connection.is_connected:
+                        return False
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Dispose the pipeline and complete the observables."""
+        self._subscriptions.dispose()
+        for subject in (self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._depth):
+            subject.on_completed()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _next_ready(self) -> Envelope | None:
+        if not self._connection.is_connected or self._connection.connection_id == self._broken_connection:
+            return None
+        if self._heartbeat is not None:
+            envelope, self._heartbeat = self._heartbeat, None
+            return envelope
+        if not self._wire:
+            return None
+        if self._wire[0].expects_ack and self._in_flight >= self._config.max_in_flight:
+            return None
+        return self._wire.popleft()
+
+    def _to_wire(self, envelope: Envelope) -> None:
+        if envelope.policy is HoldPolicy.KEEP_LATEST:
+            if self._heartbeat is not None:
+                self._dropped.on_next(Dropped(self._heartbeat, "superseded"))
+            self._heartbeat = envelope
+        else:
+            self._wire.append(envelope)
+        self._update_gate()
+        self._publish_depth()
+        self._wake.set()
+
+    def _update_gate(self) -> None:
+        is_open = self._connection.is_connected and len(self._wire) < self._config.wire_queue_size
+        if is_open != self._gate.value:
+            self._gate.on_next(is_open)
+
+    def _on_connected(self, connected: bool) -> None:
+        if not connected and self._heartbeat is not None:
+            # A heartbeat from a dead connection is stale: the next connection sends a fresh one.
+            self._dropped.on_next(Dropped(self._heartbeat, "stale"))
+            self._heartbeat = None
+        self._update_gate()
+        self._publish_depth()
+        self._wake.set()
+
+    def _on_ack_event(self, event: Acked[Envelope, Response] | Unacked[Envelope] | UnexpectedResponse[Response]) -> None:
+        if isinstance(event, Acked):
+            self._in_flight -= 1
+            envelope, response = event.item, event.response
+            if response.is_success:
+                outcome = "success"
+            elif "job.integrity_error" in response.error_types:
+                outcome = "duplicate"
+            else:
+                outcome = "error"
+            self._acks.on_next(AckOutcome(envelope, response, outcome, self._clock() - envelope.sent_at))
+        elif isinstance(event, Unacked):
+            self._in_flight -= len(event.items)
+            self._wire.extendleft(reversed(event.items))
+            self._requeued.on_next(Requeued(event.items, self._connection.connection_id))
+        else:
+            self._unexpected.on_next(event.response)
+        self._publish_depth()
+        self._wake.set()
+
+    def _on_dropped(self, dropped: Dropped[Envelope]) -> None:
+        self._dropped.on_next(dropped)
+
+    def _on_held_depth(self, count: int, size: int) -> None:
+        self._held, self._held_bytes = count, size
+        self._publish_depth()
+
+    def _publish_depth(self) -> None:
+        depth = Depth(self._held, self._held_bytes, len(self._wire), self._in_flight)
+        if depth != self._depth.value:
+            self._depth.on_next(depth)
+        self._changed.set()
+
+    @property
+    def subscriptions(self) -> DisposableBase:
+        return self._subscriptions

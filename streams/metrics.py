@@ -1,0 +1,107 @@
+"""In-memory counters, gauges and timings, mirrored to statsd when an address is configured.
+
+statsd has no tags, so dimensions go into dotted names (``messages.sent.V0JobStatusUpdate``).
+A statsd address that does not resolve or a send that fails never breaks the client: statsd is
+UDP and fire-and-forget, and every call here is guarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import deque
+from typing import Any
+
+import statsd
+
+log = logging.getLogger(__name__)
+
+RESERVOIR = 10_000
+
+
+class Metrics:
+    def __init__(
+        self,
+        statsd_host: str | None = None,
+        statsd_port: int = 8125,
+        prefix: str = "facilitator_client",
+    ) -> None:
+        self.prefix = prefix
+        self._counters: dict[str, float] = {}
+        self._gauges: dict[str, float] = {}
+        self._timings: dict[str, deque[float]] = {}
+        self._timing_counts: dict[str, int] = {}
+        self._statsd: statsd.StatsClient | None = None
+        self._statsd_failed = False
+        if statsd_host:
+            try:
+                self._statsd = statsd.StatsClient(statsd_host, statsd_port, prefix=prefix)
+            except OSError as exc:
+                log.warning("statsd %s:%s unusable, metrics stay in memory: %s", statsd_host, statsd_port, exc)
+
+    # -- recording ------------------------------------------------------------------------------
+    def incr(self, name: str, count: float = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + count
+        self._mirror("incr", name, count)
+
+    def gauge(self, name: str, value: float) -> None:
+        if self._gauges.get(name) == value:
+            return
+        self._gauges[name] = value
+        self._mirror("gauge", name, value)
+
+    def timing(self, name: str, seconds: float) -> None:
+        samples = self._timings.get(name)
+        if samples is None:
+            samples = self._timings[name] = deque(maxlen=RESERVOIR)
+        samples.append(seconds)
+        self._timing_counts[name] = self._timing_counts.get(name, 0) + 1
+        self._mirror("timing", name, seconds * 1000.0)
+
+    def _mirror(self, method: str, name: str, value: float) -> None:
+        if self._statsd is None:
+            return
+        try:
+            getattr(self._statsd, method)(name, value)
+        except Exception as exc:  # statsd must never break the client
+            if not self._statsd_failed:
+                log.warning("statsd send failed (further failures are silent): %s", exc)
+                self._statsd_failed = True
+
+    # -- reading --------------------------------------------------------------------------------
+    def counter(self, name: str) -> float:
+        return self._counters.get(name, 0)
+
+    def gauge_value(self, name: str) -> float | None:
+        return self._gauges.get(name)
+
+    def samples(self, name: str) -> list[float]:
+        return list(self._timings.get(name, ()))
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able copy: counters, gauges, and per timing count/mean/p50/p99/max in seconds."""
+        timings: dict[str, dict[str, float]] = {}
+        for name, samples in self._timings.items():
+            ordered = sorted(samples)
+            timings[name] = {
+                "count": self._timing_counts[name],
+                "mean": statistics.fmean(ordered),
+                "p50": _quantile(ordered, 0.50),
+                "p99": _quantile(ordered, 0.99),
+                "max": ordered[-1],
+            }
+        return {"counters": dict(self._counters), "gauges": dict(self._gauges), "timings": timings}
+
+    def close(self) -> None:
+        if self._statsd is not None:
+            try:
+                self._statsd.close()
+            except Exception:  # noqa: S110 - closing a UDP socket; nothing to report
+                pass
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]

@@ -1,0 +1,244 @@
+"""PerformanceMonitor: subscribes to the client's streams and turns them into metrics and events.
+
+Components never call it; it watches what they publish (connection changes and state, outbox
+sends/drops/acks/depth, inbound frames, job and cheat outcomes). Every disconnect becomes a
+DISCONNECTED event that says why: close code and reason, exception, lifetime, what was pending.
+"""
+
+from __future__ import annotations
+
+import reactivex
+from reactivex.disposable import CompositeDisposable
+
+from operators import Decoded, Dropped, Malformed
+from streams.cheat_handler import CheatHandlerFailure, CheatReportHandler
+from streams.connection_manager import (
+    AuthRejected,
+    ConnectAttempt,
+    ConnectFailed,
+    Connected,
+    ConnectionChange,
+    ConnectionManager,
+    Disconnected,
+)
+from streams.events import ConnectionState, EventType, SystemEvent
+from streams.job_dispatcher import JobDispatcher, JobFailure
+from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
+from streams.metrics import Metrics
+from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest
+from streams.safe_subject import SafeSubject
+from streams.transport import CloseInfo
+
+EXCERPT = 200
+
+
+def _excerpt(frame: str | bytes) -> str:
+    text = frame if isinstance(frame, str) else repr(frame[: EXCERPT * 2])
+    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}…(+{len(text) - EXCERPT} chars)"
+
+
+def _close_data(info: CloseInfo | None) -> dict[str, object]:
+    if info is None:
+        return {"close_code": None, "close_reason": "", "exception": None, "exception_message": None}
+    exc = info.exception
+    return {
+        "close_code": info.code,
+        "close_reason": info.reason,
+        "exception": None if exc is None else type(exc).__name__,
+        "exception_message": None if exc is None else str(exc),
+    }
+
+
+class PerformanceMonitor:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._events: SafeSubject[SystemEvent] = SafeSubject(
+            on_subscriber_error=lambda _exc: self.metrics.incr("events.subscriber_errors")
+        )
+        self._subscriptions = CompositeDisposable()
+        self._depth = Depth(0, 0, 0, 0)
+        self._active_jobs = 0
+
+    @property
+    def events(self) -> reactivex.Observable[SystemEvent]:
+        return self._events
+
+    def emit(self, type_: EventType, subtype: str, description: str, **data: object) -> None:
+        self._events.on_next(SystemEvent(type_, subtype, description, dict(data)))
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def watch(
+        self,
+        *,
+        connection: ConnectionManager,
+        messages: MessageManager,
+        inbound: reactivex.Observable[Decoded[InboundMessage] | Malformed],
+        jobs: JobDispatcher,
+        cheats: CheatReportHandler,
+        cheat_reports: reactivex.Observable[V0JobCheated],
+    ) -> None:
+        add = self._subscriptions.add
+        add(connection.changes.subscribe(self._on_change))
+        add(connection.state.subscribe(self._on_state))
+        add(messages.sent.subscribe(self._on_sent))
+        add(messages.dropped.subscribe(self._on_dropped))
+        add(messages.acks.subscribe(self._on_ack))
+        add(messages.requeued.subscribe(self._on_requeued))
+        add(messages.unexpected_responses.subscribe(self._on_unexpected))
+        add(messages.depth.subscribe(self._on_depth))
+        add(inbound.subscribe(self._on_inbound))
+        add(jobs.dispatched.subscribe(self._on_dispatched))
+        add(jobs.finished.subscribe(self._on_job_finished))
+        add(jobs.duplicates.subscribe(lambda job: self.metrics.incr("jobs.duplicates")))
+        add(jobs.failures.subscribe(self._on_job_failure))
+        add(cheat_reports.subscribe(lambda _report: self.metrics.incr("cheat.reports")))
+        add(cheats.failures.subscribe(self._on_cheat_failure))
+
+    def close(self) -> None:
+        self._subscriptions.dispose()
+        self._events.on_completed()
+        self.metrics.close()
+
+    # -- connection -----------------------------------------------------------------------------
+    def _on_state(self, state: ConnectionState) -> None:
+        self.metrics.gauge("connected", 1 if state is ConnectionState.CONNECTED else 0)
+
+    def _on_change(self, change: ConnectionChange) -> None:
+        m = self.metrics
+        if isinstance(change, ConnectAttempt):
+            m.incr("connect.attempts")
+        elif isinstance(change, ConnectFailed):
+            m.incr("connect.failures")
+            self.emit(
+                EventType.CONNECT_FAILED, "connect", f"connect failed: {change.info.describe()}",
+                attempt=change.attempt, retry_in=round(change.retry_in, 3), **_close_data(change.info),
+            )
+        elif isinstance(change, AuthRejected):
+            m.incr("connect.failures")
+            m.incr("auth.failures")
+            self.emit(
+                EventType.AUTH_FAILED, "auth", change.description,
+                errors=[] if change.response is None else [e.model_dump() for e in change.response.errors],
+                retry_in=round(change.retry_in, 3), **_close_data(change.info),
+            )
+        elif isinstance(change, Connected):
+            m.incr("connect.successes")
+            m.timing("connect.duration", change.connect_duration)
+            if change.downtime is not None:
+                m.timing("downtime", change.downtime)
+            self.emit(
+                EventType.CONNECTED, "connected", f"connected and authenticated (connection {change.connection_id})",
+                connection_id=change.connection_id, connect_duration=round(change.connect_duration, 4),
+                downtime=None if change.downtime is None else round(change.downtime, 4),
+            )
+        elif isinstance(change, Disconnected):
+            code = change.info.code
+            m.incr(f"disconnects.{code if code is not None else 'none'}")
+            depth = self._depth
+            self.emit(
+                EventType.DISCONNECTED, str(code) if code is not None else "no_close_frame",
+                f"disconnected after {change.lived:.1f} s: {change.info.describe()}",
+                connection_id=change.connection_id, lived=round(change.lived, 4),
+                pending_outbox=depth.held + depth.wire, pending_in_flight=depth.in_flight,
+                retry_in=None if change.retry_in is None else round(change.retry_in, 3),
+                **_close_data(change.info),
+            )
+
+    # -- outbound -------------------------------------------------------------------------------
+    def _on_sent(self, sent: Sent) -> None:
+        envelope = sent.envelope
+        self.metrics.incr(f"messages.sent.{envelope.kind}")
+        if sent.resend:
+            self.metrics.incr(f"messages.resent.{envelope.kind}")
+        else:
+            self.metrics.timing("latency.enqueue_to_wire", sent.at - envelope.enqueued_at)
+
+    def _on_dropped(self, dropped: Dropped[Envelope]) -> None:
+        envelope = dropped.item
+        if envelope.kind == "V0Heartbeat" and dropped.reason in ("superseded", "stale"):
+            self.metrics.incr("messages.coalesced.V0Heartbeat")
+            return
+        self.metrics.incr(f"messages.dropped.{envelope.kind}")
+        self.emit(
+            EventType.MESSAGE_DROPPED, envelope.kind,
+            f"{envelope.kind} dropped ({dropped.reason})"
+            + (f" for job {envelope.job_uuid} status {envelope.status}" if envelope.job_uuid else ""),
+            message_type=envelope.kind, reason=dropped.reason, count=1,
+            job_uuid=envelope.job_uuid, status=envelope.status,
+        )
+
+    def _on_ack(self, ack: AckOutcome) -> None:
+        m = self.metrics
+        m.timing("latency.ack", ack.latency)
+        if ack.outcome == "error":
+            for error_type in ack.response.error_types or ("unknown",):
+                m.incr(f"acks.error.{error_type}")
+            self.emit(
+                EventType.ERROR_RESPONSE, ",".join(ack.response.error_types),
+                f"facilitator refused {ack.envelope.status} for job {ack.envelope.job_uuid}: {ack.response.describe()}",
+                job_uuid=ack.envelope.job_uuid, status=ack.envelope.status,
+                errors=[e.model_dump() for e in ack.response.errors],
+            )
+        else:
+            m.incr(f"acks.{ack.outcome}")
+
+    def _on_requeued(self, requeued: Requeued) -> None:
+        self.metrics.incr("messages.requeued", len(requeued.envelopes))
+
+    def _on_unexpected(self, response: Response) -> None:
+        self.metrics.incr("messages.unexpected_responses")
+        self.emit(
+            EventType.UNEXPECTED_RESPONSE, response.status,
+            f"a Response with nothing in flight: {response.describe() or response.status}",
+            errors=[e.model_dump() for e in response.errors],
+        )
+
+    def _on_depth(self, depth: Depth) -> None:
+        self._depth = depth
+        self.metrics.gauge("outbox.depth", depth.held + depth.wire)
+        self.metrics.gauge("outbox.bytes", depth.held_bytes)
+        self.metrics.gauge("inflight.depth", depth.in_flight)
+
+    # -- inbound --------------------------------------------------------------------------------
+    def _on_inbound(self, item: Decoded[InboundMessage] | Malformed) -> None:
+        if isinstance(item, Malformed):
+            self.metrics.incr("messages.malformed")
+            self.emit(
+                EventType.MALFORMED_MESSAGE, type(item.error).__name__,
+                f"malformed frame from the facilitator: {getattr(item.error, 'reason', item.error)}",
+                excerpt=_excerpt(item.frame), error=str(item.error)[:500],
+            )
+            return
+        self.metrics.incr(f"messages.received.{_inbound_kind(item.message)}")
+
+    def _on_dispatched(self, job: V2JobRequest) -> None:
+        self.metrics.incr("jobs.dispatched")
+        self._active_jobs += 1
+        self.metrics.gauge("jobs.active", self._active_jobs)
+
+    def _on_job_finished(self, job_uuid: str) -> None:
+        self._active_jobs -= 1
+        self.metrics.gauge("jobs.active", self._active_jobs)
+
+    def _on_job_failure(self, failure: JobFailure) -> None:
+        self.metrics.incr("jobs.failed")
+        self.emit(
+            EventType.JOB_DISPATCH_FAILED, type(failure.error).__name__,
+            f"dispatcher raised for job {failure.job_uuid}: {type(failure.error).__name__}: {failure.error}",
+            job_uuid=failure.job_uuid, exception=type(failure.error).__name__, message=str(failure.error)[:500],
+        )
+
+    def _on_cheat_failure(self, failure: CheatHandlerFailure) -> None:
+        self.metrics.incr("cheat.handler_failures")
+        self.emit(
+            EventType.CHEAT_HANDLER_FAILED, type(failure.error).__name__,
+            f"on_cheat raised for job {failure.report.job_uuid}: {type(failure.error).__name__}: {failure.error}",
+            job_uuid=failure.report.job_uuid, exception=type(failure.error).__name__,
+            message=str(failure.error)[:500],
+        )
+
+
+def _inbound_kind(message: InboundMessage) -> str:
+    if isinstance(message, Response):
+        return "Response"
+    return message.message_type

@@ -1,0 +1,554 @@
+"""Wire models and codec for facilitator protocol v0 (see shared/PROTOCOL.md).
+
+Outbound models are strict (frozen, extra fields forbidden) because the real facilitator answers an
+unparseable frame with an error Response, which shifts FIFO ack matching, and crashes on some inputs.
+Inbound models are loose (extra fields kept) because the facilitator adds fields over time and the
+host re-validates job requests with its own models.
+
+`decode` is the single entry point for inbound frames: it raises `DecodeError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic_core.core_schema import ValidationInfo
+
+__all__ = [
+    "FINAL_STATUSES",
+    "IN_PROGRESS_STATUSES",
+    "MAX_FRAME_BYTES",
+    "DecodeError",
+    "HordeFailureDetails",
+    "InboundMessage",
+    "JobFailureDetails",
+    "JobRejectionDetails",
+    "JobStatus",
+    "JobStatusMetadata",
+    "JobStatusUpdate",
+    "MinerResponse",
+    "OutboundMessage",
+    "Response",
+    "ResponseError",
+    "Signer",
+    "StreamingDetails",
+    "V0AuthenticationRequest",
+    "V0Heartbeat",
+    "V0JobCheated",
+    "V0MachineSpecsUpdate",
+    "V2JobRequest",
+    "decode",
+    "decode_outbound",
+    "encode",
+    "message_kind",
+]
+
+MAX_FRAME_BYTES: int = 50 * 1024 * 1024
+"""Largest frame accepted (PROTOCOL.md: a job request with a long env or script may be big)."""
+
+_EXCERPT_CHARS: Final = 200
+_MAX_ERRORS_SHOWN: Final = 3
+
+
+class JobStatus(enum.StrEnum):
+    """Job status strings as the facilitator stores them."""
+
+    SENT = "sent"
+    RECEIVED = "received"
+    ACCEPTED = "accepted"
+    EXECUTOR_READY = "executor_ready"
+    STREAMING_READY = "streaming_ready"
+    VOLUMES_READY = "volumes_ready"
+    EXECUTION_DONE = "execution_done"
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    HORDE_FAILED = "horde_failed"
+
+    @property
+    def is_final(self) -> bool:
+        """A job's status stream ends at its first final status."""
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES: frozenset[JobStatus] = frozenset(
+    {JobStatus.COMPLETED, JobStatus.REJECTED, JobStatus.FAILED, JobStatus.HORDE_FAILED}
+)
+IN_PROGRESS_STATUSES: frozenset[JobStatus] = frozenset(JobStatus) - FINAL_STATUSES
+
+# The real facilitator crashes (drops the connection) on these statuses sent with `metadata: null`.
+_METADATA_REQUIRED: Final = frozenset({JobStatus.COMPLETED, JobStatus.STREAMING_READY})
+# What the facilitator's UUID lookup accepts, restricted to ASCII hex (int() would take other digits).
+_UUID_RE: Final = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+)
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """The hotkey that authenticates the validator; `bittensor_wallet.Keypair` fits.
+
+    `public_key` may be None because Keypair's stubs say so (a keypair built from an address alone);
+    `from_signer` refuses such a signer.
+    """
+
+    @property
+    def public_key(self) -> bytes | None: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+class _Outbound(BaseModel):
+    """Strict base: an invalid outbound message must fail at construction, never on the wire."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class V0AuthenticationRequest(_Outbound):
+    """First message on every connection; nothing else may be sent before its success Response."""
+
+    message_type: Literal["V0AuthenticationRequest"] = "V0AuthenticationRequest"
+    public_key: str
+    signature: str
+
+    @classmethod
+    def from_signer(cls, signer: Signer) -> V0AuthenticationRequest:
+        """Sign the raw public-key bytes, as the facilitator verifies them (sr25519, `0x` hex)."""
+        if signer.public_key is None:
+            raise ValueError("the signer has no public key, so it cannot authenticate")
+        public_key = bytes(signer.public_key)
+        signature = bytes(signer.sign(public_key))
+        return cls(public_key=public_key.hex(), signature="0x" + signature.hex())
+
+
+class V0Heartbeat(_Outbound):
+    """Liveness: the facilitator offers jobs only to validators that sent one in the last 3 minutes."""
+
+    message_type: Literal["V0Heartbeat"] = "V0Heartbeat"
+
+
+class V0MachineSpecsUpdate(_Outbound):
+    """A miner's machine specs snapshot; no Response on success."""
+
+    message_type: Literal["V0MachineSpecsUpdate"] = "V0MachineSpecsUpdate"
+    miner_hotkey: str
+    validator_hotkey: str
+    # Declared before `specs` so the encoded key order matches the captured real traffic.
+    batch_id: str
+    specs: dict[str, Any]
+
+
+class _Metadata(BaseModel):
+    """Loose base for status metadata: every key optional, new keys kept (the protocol grows)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class MinerResponse(_Metadata):
+    """What the miner's job printed and produced."""
+
+    # stdout before stderr: the key order of the captured real traffic.
+    docker_process_stdout: str | None = None
+    docker_process_stderr: str | None = None
+    artifacts: dict[str, Any] | None = None
+    upload_results: dict[str, Any] | None = None
+
+
+class JobRejectionDetails(_Metadata):
+    """Why a job was rejected, and by whom."""
+
+    rejected_by: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    context: Any = None
+
+
+class JobFailureDetails(_Metadata):
+    """Why and where an accepted job failed."""
+
+    reason: str | None = None
+    stage: str | None = None
+    message: str | None = None
+    context: Any = None
+    docker_process_exit_status: int | None = None
+    docker_process_stdout: str | None = None
+    docker_process_stderr: str | None = None
+
+
+class HordeFailureDetails(_Metadata):
+    """A failure of the horde itself (validator, facilitator), not of the job."""
+
+    reported_by: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    context: Any = None
+
+
+class StreamingDetails(_Metadata):
+    """Where the job's streaming server listens (sent with `streaming_ready`)."""
+
+    streaming_server_cert: str | None = None
+    streaming_server_address: str | None = None
+    streaming_server_port: int | None = None
+
+
+class JobStatusMetadata(_Metadata):
+    """Optional details of a status update; unset keys are omitted on the wire."""
+
+    miner_response: MinerResponse | None = None
+    job_rejection_details: JobRejectionDetails | None = None
+    job_failure_details: JobFailureDetails | None = None
+    horde_failure_details: HordeFailureDetails | None = None
+    streaming_details: StreamingDetails | None = None
+
+
+class JobStatusUpdate(_Outbound):
+    """One status of one job; every one is answered by exactly one Response."""
+
+    message_type: Literal["V0JobStatusUpdate"] = "V0JobStatusUpdate"
+    uuid: str
+    status: JobStatus
+    metadata: JobStatusMetadata | None = Field(default=None, validate_default=True)
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid_must_parse(cls, value: str) -> str:
+        """The real facilitator crashes on a job uuid it cannot parse."""
+        if _UUID_RE.fullmatch(value) is None:
+            raise ValueError(f"not a valid UUID: {value[:64]!r}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_where_required(
+        cls, value: JobStatusMetadata | None, info: ValidationInfo
+    ) -> JobStatusMetadata | None:
+        """`completed`/`streaming_ready` with `metadata: null` crash the real facilitator: send `{}`."""
+        if value is None and info.data.get("status") in _METADATA_REQUIRED:
+            return JobStatusMetadata()
+        return value
+
+    @classmethod
+    def horde_failed(
+        cls,
+        uuid: str,
+        reason: str,
+        message: str = "",
+        reported_by: str = "validator",
+        context: Any = None,
+    ) -> JobStatusUpdate:
+        """The final status a validator reports when it, not the job, failed."""
+        details = HordeFailureDetails(
+            reported_by=reported_by, reason=reason, message=message, context=context
+        )
+        return cls(
+            uuid=uuid,
+            status=JobStatus.HORDE_FAILED,
+            metadata=JobStatusMetadata(horde_failure_details=details),
+        )
+
+
+OutboundMessage: TypeAlias = V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate
+
+# --------------------------------------------------------------------------- inbound
+
+
+class ResponseError(BaseModel, extra="allow"):
+    """One error of a Response; pydantic parse errors carry more keys (loc, input, url), kept."""
+
+    msg: str = ""
+    type: str
+    help: str = ""
+
+
+class Response(BaseModel):
+    """The facilitator's answer; it has no id: the n-th Response answers the n-th message expecting one."""
+
+    status: Literal["success", "error"]
+    errors: list[ResponseError] = Field(default_factory=list)
+
+    @property
+    def is_success(self) -> bool:
+        return self.status == "success"
+
+    @property
+    def error_types(self) -> tuple[str, ...]:
+        """E.g. `("job.integrity_error",)`: what ack handling branches on."""
+        return tuple(error.type for error in self.errors)
+
+    def describe(self) -> str:
+        """The facilitator's own error text, for events and logs."""
+        if not self.errors:
+            return self.status
+        return "; ".join(f"{e.type}: {e.msg}" if e.msg else e.type for e in self.errors)
+
+
+class _Inbound(BaseModel):
+    """Loose base for facilitator requests: unknown fields are kept, and so is the original object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    _raw: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The untouched parsed frame: the host re-validates it and verifies its signature."""
+        if self._raw is None:  # built in code rather than decoded: the dump is the best we have
+            self._raw = self.model_dump(mode="json")
+        return self._raw
+
+
+class V2JobRequest(_Inbound):
+    """A job for this validator to run. Typed loosely: the host validates it with its own models."""
+
+    # Declaration order follows the real facilitator's key order (signature first).
+    signature: dict[str, Any] | None = None
+    type: Literal["job.new"] = "job.new"
+    message_type: Literal["V2JobRequest"] = "V2JobRequest"
+    uuid: str
+    job_namespace: str | None = None
+    executor_class: str
+    docker_image: str
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    use_gpu: bool = False
+    volume: dict[str, Any] | None = None
+    output_upload: dict[str, Any] | None = None
+    artifacts_dir: str | None = None
+    on_trusted_miner: bool = False
+    download_time_limit: int | None = None
+    execution_time_limit: int | None = None
+    upload_time_limit: int | None = None
+    streaming_start_time_limit: int | None = None
+    streaming_details: dict[str, Any] | None = None
+
+
+class V0JobCheated(_Inbound):
+    """A report that a finished job was cheated on by its miner."""
+
+    signature: dict[str, Any] | None = None
+    type: Literal["job.cheated"] = "job.cheated"
+    message_type: Literal["V0JobCheated"] = "V0JobCheated"
+    job_uuid: str
+    trusted_job_uuid: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+InboundMessage: TypeAlias = Response | V2JobRequest | V0JobCheated
+
+# --------------------------------------------------------------------------- codec
+
+
+class DecodeError(ValueError):
+    """A frame that is not a valid message; says what was wrong and shows the start of the frame."""
+
+    def __init__(self, reason: str, excerpt: str = "") -> None:
+        super().__init__(reason, excerpt)
+        self.reason = reason
+        self.excerpt = excerpt
+
+    def __str__(self) -> str:
+        return f"{self.reason}; frame: {self.excerpt!r}" if self.excerpt else self.reason
+
+    @classmethod
+    def for_frame(cls, reason: str, frame: object) -> DecodeError:
+        """Build one with the excerpt of `frame` (str or bytes), cheap even for huge frames."""
+        return cls(reason, _excerpt(frame))
+
+
+def _excerpt(frame: object) -> str:
+    """Never raises: it runs inside decode's last-resort error handler."""
+    try:
+        if isinstance(frame, str):
+            head, rest = frame[:_EXCERPT_CHARS], len(frame) - _EXCERPT_CHARS
+        elif isinstance(frame, (bytes, bytearray, memoryview)):
+            data = bytes(frame[:_EXCERPT_CHARS])
+            head, rest = data.decode("utf-8", "backslashreplace"), len(frame) - _EXCERPT_CHARS
+        else:
+            head, rest = _short(frame), 0
+    except Exception:
+        return f"<unprintable {type(frame).__name__}>"
+    return f"{head}…(+{rest} more)" if rest > 0 else head
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_OUTBOUND_TYPES: Final[dict[str, type[OutboundMessage]]] = {
+    "V0AuthenticationRequest": V0AuthenticationRequest,
+    "V0Heartbeat": V0Heartbeat,
+    "V0MachineSpecsUpdate": V0MachineSpecsUpdate,
+    "V0JobStatusUpdate": JobStatusUpdate,
+}
+_INBOUND_TYPES: Final[dict[str, type[V2JobRequest | V0JobCheated]]] = {
+    "V2JobRequest": V2JobRequest,
+    "V0JobCheated": V0JobCheated,
+}
+_HEARTBEAT_FRAME: Final = orjson.dumps({"message_type": "V0Heartbeat"}).decode()
+
+
+def encode(message: OutboundMessage | InboundMessage) -> str:
+    """Serialise one message to a compact JSON text frame, keys in declaration order.
+
+    Runs for every outbound message, so status updates and heartbeats take a hand-built fast path.
+    Inside status metadata, unset (None) keys are omitted; a top-level `"metadata": null` stays.
+    Inbound types are accepted too, for the simulator and replay.
+    """
+    if isinstance(message, JobStatusUpdate):
+        metadata = message.metadata
+        return orjson.dumps(
+            {
+                "message_type": message.message_type,
+                "uuid": message.uuid,
+                "status": message.status.value,
+                "metadata": None if metadata is None else metadata.model_dump(mode="json", exclude_none=True),
+            }
+        ).decode()
+    if isinstance(message, V0Heartbeat):
+        return _HEARTBEAT_FRAME
+    return orjson.dumps(message.model_dump(mode="json")).decode()
+
+
+def decode(frame: str | bytes) -> InboundMessage:
+    """Parse a facilitator frame into a Response, V2JobRequest or V0JobCheated.
+
+    Raises DecodeError, and nothing else, for any input: a malformed frame is counted and
+    reported by the caller, never allowed to end the client.
+    """
+    try:
+        obj = _load_object(frame)
+        message_type = obj.get("message_type")
+        if message_type is None:
+            if "status" not in obj:
+                raise DecodeError.for_frame("JSON object has neither `message_type` nor `status`", frame)
+            return _validate(Response, obj, frame)
+        model = _INBOUND_TYPES.get(message_type) if isinstance(message_type, str) else None
+        if model is None:
+            raise DecodeError.for_frame(f"unknown inbound message_type {_short(message_type)}", frame)
+        request = _validate(model, obj, frame)
+        request._raw = obj
+        return request
+    except DecodeError:
+        raise
+    except Exception as exc:  # the contract: nothing but DecodeError escapes, whatever the input
+        raise _unexpected(exc, frame) from exc
+
+
+def decode_outbound(frame: str | bytes) -> OutboundMessage:
+    """Parse a validator frame (simulator, replay, tests) with the same rules as `decode`."""
+    try:
+        obj = _load_object(frame)
+        message_type = obj.get("message_type")
+        model = _OUTBOUND_TYPES.get(message_type) if isinstance(message_type, str) else None
+        if model is None:
+            what = "missing" if message_type is None else f"unknown: {_short(message_type)}"
+            raise DecodeError.for_frame(f"outbound message_type {what}", frame)
+        return _validate(model, obj, frame)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise _unexpected(exc, frame) from exc
+
+
+def message_kind(frame_or_message: object) -> str:
+    """A low-cardinality name for metrics: the message_type, "Response", "unknown" or "malformed"."""
+    if isinstance(frame_or_message, Response):
+        return "Response"
+    if isinstance(frame_or_message, BaseModel):
+        kind = getattr(frame_or_message, "message_type", None)
+        return kind if isinstance(kind, str) else type(frame_or_message).__name__
+    try:
+        obj = orjson.loads(frame_or_message)  # type: ignore[arg-type]  # anything else is malformed
+    except Exception:
+        return "malformed"
+    if not isinstance(obj, dict):
+        return "malformed"
+    kind = obj.get("message_type")
+    if kind is None:
+        return "Response" if "status" in obj else "unknown"
+    return kind if kind in _OUTBOUND_TYPES or kind in _INBOUND_TYPES else "unknown"
+
+
+def _load_object(frame: object) -> dict[str, Any]:
+    """Size check, UTF-8 check and JSON parse; the result is always a JSON object."""
+    if isinstance(frame, str):
+        size = len(frame)
+        if size > MAX_FRAME_BYTES // 4 and not frame.isascii():  # only then can bytes exceed chars*4
+            size = len(frame.encode("utf-8", "surrogatepass"))
+    elif isinstance(frame, (bytes, bytearray, memoryview)):
+        size = len(frame)
+    else:
+        raise DecodeError.for_frame(f"frame must be str or bytes, not {type(frame).__name__}", frame)
+    if size > MAX_FRAME_BYTES:
+        reason = f"frame is {size} bytes, larger than the {MAX_FRAME_BYTES} byte limit"
+        raise DecodeError.for_frame(reason, frame)
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError.for_frame(_why_not_json(frame, exc), frame) from None
+    if not isinstance(obj, dict):
+        raise DecodeError.for_frame(f"frame is JSON but not an object (got {_json_kind(obj)})", frame)
+    return obj
+
+
+def _why_not_json(frame: str | bytes | bytearray | memoryview, exc: orjson.JSONDecodeError) -> str:
+    try:
+        if isinstance(frame, str):
+            frame.encode("utf-8")
+        else:
+            bytes(frame).decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as bad:
+        return f"frame is not valid UTF-8 ({bad.reason} at position {bad.start})"
+    if "depth" in exc.msg or "recursion" in exc.msg.lower():
+        return f"frame is nested too deeply to parse ({exc})"
+    return f"frame is not valid JSON ({exc})"
+
+
+def _validate(model: type[_M], obj: dict[str, Any], frame: object) -> _M:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise DecodeError.for_frame(f"invalid {model.__name__}: {_summarise(exc)}", frame) from None
+
+
+def _summarise(exc: ValidationError) -> str:
+    """Field and problem per error, short: pydantic's default text is long and repeats the input."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc']) or '(object)'}: {e['msg']}" for e in errors[:_MAX_ERRORS_SHOWN]
+    ]
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        parts.append(f"(+{len(errors) - _MAX_ERRORS_SHOWN} more errors)")
+    return "; ".join(parts)
+
+
+def _unexpected(exc: Exception, frame: object) -> DecodeError:
+    """Last resort, for failures no check above foresaw (e.g. RecursionError, MemoryError)."""
+    try:
+        detail = str(exc)[:_EXCERPT_CHARS]
+    except Exception:
+        detail = "?"
+    return DecodeError.for_frame(f"frame could not be decoded ({type(exc).__name__}: {detail})", frame)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def _json_kind(value: object) -> str:
+    """JSON's name for a parsed value, as the sender would think of it."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "null" if value is None else type(value).__name__

@@ -1,0 +1,84 @@
+"""SpecUpdateManager: machine-spec updates from the host, as one ordered observable.
+
+Sources: an Observable or an async iterable given at construction, and ``publish()`` calls
+(``FacilitatorClient.publish_specs``). A source that fails is reported, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable
+
+import reactivex
+from reactivex.abc import DisposableBase
+from reactivex.subject import Subject
+
+from streams.protocol import V0MachineSpecsUpdate
+from streams.tasks import TaskOwner
+
+SpecSource = reactivex.Observable[V0MachineSpecsUpdate] | AsyncIterable[V0MachineSpecsUpdate]
+
+
+class SpecUpdateManager:
+    def __init__(
+        self,
+        source: SpecSource | None = None,
+        *,
+        on_source_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        if source is not None and not isinstance(source, reactivex.Observable | AsyncIterable):
+            raise TypeError(
+                f"spec_updates must be an Observable or an async iterable of V0MachineSpecsUpdate, "
+                f"got {type(source).__name__}"
+            )
+        self._source = source
+        self._on_source_error = on_source_error
+        self._updates: Subject[V0MachineSpecsUpdate] = Subject()
+        self._tasks = TaskOwner("spec-updates", lambda _name, exc: self._source_failed(exc))
+        self._subscription: DisposableBase | None = None
+        self._stopped = False
+        self._started = False
+        self._early: list[V0MachineSpecsUpdate] = []
+
+    @property
+    def updates(self) -> reactivex.Observable[V0MachineSpecsUpdate]:
+        return self._updates
+
+    def publish(self, update: V0MachineSpecsUpdate) -> None:
+        if self._stopped:
+            raise RuntimeError("publish_specs() called after the client stopped")
+        if not isinstance(update, V0MachineSpecsUpdate):
+            raise TypeError(f"expected a V0MachineSpecsUpdate, got {type(update).__name__}")
+        if not self._started:
+            self._early.append(update)  # published before start(): kept, sent first, in order
+            return
+        self._updates.on_next(update)
+
+    def start(self) -> None:
+        self._started = True
+        early, self._early = self._early, []
+        for update in early:
+            self._updates.on_next(update)
+        if isinstance(self._source, reactivex.Observable):
+            self._subscription = self._source.subscribe(
+                on_next=self.publish, on_error=self._source_failed
+            )
+        elif self._source is not None:
+            self._tasks.start(self._consume(self._source), "async-source")
+
+    async def _consume(self, source: AsyncIterable[V0MachineSpecsUpdate]) -> None:
+        async for update in source:
+            self.publish(update)
+
+    def _source_failed(self, exc: BaseException) -> None:
+        if self._on_source_error is not None:
+            self._on_source_error(exc)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._subscription is not None:
+            self._subscription.dispose()
+        await self._tasks.aclose()
+        self._updates.on_completed()
+
+
+__all__ = ["SpecSource", "SpecUpdateManager"]

@@ -1,0 +1,63 @@
+"""An owner for short-lived tasks: every task it starts is awaited or cancelled by ``aclose()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class TaskOwner:
+    """Starts tasks, keeps a strong reference, routes their failures to ``on_error``.
+
+    Exceptions never escape a task silently ("Task exception was never retrieved"): the done
+    callback retrieves them and hands them to ``on_error``.
+    """
+
+    def __init__(self, name: str, on_error: Callable[[str, BaseException], None] | None = None) -> None:
+        self._name = name
+        self._on_error = on_error
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def start(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        if self._closed:
+            coro.close()
+            raise RuntimeError(f"{self._name} is closed; cannot start {name}")
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self._name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if self._on_error is not None:
+                self._on_error(task.get_name(), exc)
+            else:
+                log.error("task %s failed", task.get_name(), exc_info=exc)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the current tasks to finish by themselves; False on timeout."""
+        if not self._tasks:
+            return True
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+    async def aclose(self) -> None:
+        """Cancel every task and wait until each has finished."""
+        self._closed = True
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
