@@ -29,6 +29,8 @@ the error; disposing the subscription reports everything held as ``Dropped(item,
 
 Each subscription has its own buffer (cold). Not thread-safe (use it from one thread, e.g. the
 event loop's), but re-entrant: ``on_next`` observers may push gate values or new source items.
+Emissions are serialized: an item pushed from inside ``on_next`` is queued (briefly held) and
+emitted after the current ``on_next`` returns, never from inside it.
 """
 
 from __future__ import annotations
@@ -84,9 +86,10 @@ class _Entry(Generic[T]):
 class _Outbox(Generic[T]):
     """The held items of one subscription: one KEEP_LATEST slot and two FIFO queues."""
 
-    def __init__(self, max_count: int | None, max_bytes: int | None) -> None:
+    def __init__(self, max_count: int | None, max_bytes: int | None, max_bounded: int | None = None) -> None:
         self._max_count = max_count
         self._max_bytes = max_bytes
+        self._max_bounded = max_bounded
         self._latest: _Entry[T] | None = None
         self._bounded: deque[_Entry[T]] = deque()
         self._all: deque[_Entry[T]] = deque()
@@ -122,6 +125,8 @@ class _Outbox(Generic[T]):
             self._all.append(entry)
         self.count += 1
         self.bytes += size
+        if self._max_bounded is not None and len(self._bounded) > self._max_bounded:
+            dropped.append(Dropped(self._take(self._bounded.popleft()), REASON_OUTBOX_FULL))
         while self.count and self._over():
             if self._latest is not None:
                 victim, self._latest = self._latest, None
@@ -269,6 +274,7 @@ def hold_while_disconnected(
     *,
     max_count: int | None = None,
     max_bytes: int | None = None,
+    max_bounded: int | None = None,
     size_of: Callable[[T], int] | None = None,
     on_dropped: Callable[[Dropped[T]], None] | None = None,
     on_depth: Callable[[int, int], None] | None = None,
@@ -281,14 +287,22 @@ def hold_while_disconnected(
         policy_of: the HoldPolicy of an item (asked only for items that are held).
         max_count: bound on the number of held items (all policies together).
         max_bytes: bound on the sum of ``size_of(item)`` of held items; requires ``size_of``.
+        max_bounded: bound on the number of held KEEP_BOUNDED items alone; past it the oldest
+            KEEP_BOUNDED item is evicted (``"outbox_full"``) whatever the other bounds say.
         size_of: size of an item in bytes (0 for every item if not given).
         on_dropped: called once for every item that is held and then never emitted.
-        on_depth: called with ``(count, bytes)`` after every change of what is held.
+        on_depth: called with ``(count, bytes)`` after every change of what is held (once per
+            held item, including its evictions; once per released item; once when cleared).
+
+    If ``policy_of`` or ``size_of`` raises, that item and everything held are reported as
+    ``"source_error"`` and the exception is forwarded as ``on_error``.
     """
     if max_count is not None and max_count < 0:
         raise ValueError(f"max_count must be >= 0, got {max_count}")
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    if max_bounded is not None and max_bounded < 0:
+        raise ValueError(f"max_bounded must be >= 0, got {max_bounded}")
     if max_bytes is not None and size_of is None:
         raise ValueError("max_bytes needs size_of")
 
@@ -297,7 +311,7 @@ def hold_while_disconnected(
             observer: abc.ObserverBase[T], scheduler: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
             state = _HoldSubscription(
-                observer, policy_of, _Outbox[T](max_count, max_bytes), size_of, on_dropped, on_depth
+                observer, policy_of, _Outbox[T](max_count, max_bytes, max_bounded), size_of, on_dropped, on_depth
             )
             gate_subscription = SingleAssignmentDisposable()
             source_subscription = SingleAssignmentDisposable()

@@ -29,7 +29,15 @@ from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.message_manager import MessageManager
 from streams.metrics import Metrics
 from streams.performance_monitor import PerformanceMonitor
-from streams.protocol import InboundMessage, Response, Signer, V0JobCheated, V0MachineSpecsUpdate, V2JobRequest, decode
+from streams.protocol import (
+    InboundMessage,
+    Response,
+    Signer,
+    V0JobCheated,
+    V0MachineSpecsUpdate,
+    V2JobRequest,
+    decode,
+)
 from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
 

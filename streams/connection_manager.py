@@ -20,8 +20,8 @@ import reactivex
 from operators import Backoff
 from streams.config import ClientConfig
 from streams.events import ConnectionState
-from streams.safe_subject import SafeBehaviorSubject, SafeSubject
 from streams.protocol import DecodeError, Response, Signer, V0AuthenticationRequest, decode, encode
+from streams.safe_subject import SafeBehaviorSubject, SafeSubject
 from streams.transport import CloseInfo, Transport, TransportClosed, TransportConnectError, TransportError
 
 log = logging.getLogger(__name__)

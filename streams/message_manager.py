@@ -26,7 +26,15 @@ from reactivex.abc import DisposableBase
 from reactivex.disposable import CompositeDisposable
 from reactivex.subject import BehaviorSubject, Subject
 
-from operators import Acked, Dropped, HoldPolicy, Unacked, UnexpectedResponse, hold_while_disconnected, match_acks
+from operators import (
+    Acked,
+    AckEvent,
+    Dropped,
+    HoldPolicy,
+    Unacked,
+    hold_while_disconnected,
+    match_acks,
+)
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
@@ -219,6 +227,7 @@ class MessageManager:
                 lambda envelope: envelope.policy,
                 max_count=self._config.outbox_max_messages,
                 max_bytes=self._config.outbox_max_bytes,
+                max_bounded=self._config.max_pending_specs,
                 size_of=lambda envelope: len(envelope.frame),
                 on_dropped=self._on_dropped,
                 on_depth=self._on_held_depth,
@@ -316,7 +325,7 @@ class MessageManager:
         self._publish_depth()
         self._wake.set()
 
-    def _on_ack_event(self, event: Acked[Envelope, Response] | Unacked[Envelope] | UnexpectedResponse[Response]) -> None:
+    def _on_ack_event(self, event: AckEvent[Envelope, Response]) -> None:
         if isinstance(event, Acked):
             self._in_flight -= 1
             envelope, response = event.item, event.response

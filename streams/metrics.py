@@ -96,7 +96,7 @@ class Metrics:
         if self._statsd is not None:
             try:
                 self._statsd.close()
-            except Exception:  # noqa: S110 - closing a UDP socket; nothing to report
+            except Exception:
                 pass
 
 

@@ -15,8 +15,8 @@ from streams.cheat_handler import CheatHandlerFailure, CheatReportHandler
 from streams.connection_manager import (
     AuthRejected,
     ConnectAttempt,
-    ConnectFailed,
     Connected,
+    ConnectFailed,
     ConnectionChange,
     ConnectionManager,
     Disconnected,

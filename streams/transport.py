@@ -43,6 +43,8 @@ __all__ = [
 ABNORMAL_CLOSURE = 1006
 """The code reported when a connection ends without a close frame (RFC 6455 §7.1.5)."""
 
+_NO_CLOSE_FRAME = "connection lost without a close frame"
+
 # The facilitator's own close codes, so an empty close reason still says something.
 _FACILITATOR_CODES = {
     3000: "facilitator: invalid signature",
@@ -95,11 +97,15 @@ def _code_description(code: int) -> str:
     return _FACILITATOR_CODES.get(code) or CLOSE_CODE_EXPLANATIONS.get(code, "")
 
 
+def _send_timed_out(timeout: float, exc: TimeoutError) -> CloseInfo:
+    return CloseInfo(ABNORMAL_CLOSURE, f"send did not complete within {timeout:g} s; connection aborted", exc)
+
+
 def _closed_info(exc: ConnectionClosed) -> CloseInfo:
     """Turn websockets' ConnectionClosed into a CloseInfo: the peer's frame first, then ours."""
     frame = exc.rcvd if exc.rcvd is not None else exc.sent
     if frame is None:
-        return CloseInfo(ABNORMAL_CLOSURE, "connection lost without a close frame", exc)
+        return CloseInfo(ABNORMAL_CLOSURE, _NO_CLOSE_FRAME, exc)
     return CloseInfo(frame.code, frame.reason or _code_description(frame.code), exc)
 
 
@@ -228,7 +234,8 @@ class WebSocketTransport(Transport):
             return f"opening handshake with {self.url} timed out after {self._open_timeout:g} s"
         if isinstance(exc, InvalidStatus):
             response = exc.response
-            return f"{self.url} rejected the websocket handshake: HTTP {response.status_code} {response.reason_phrase}"
+            status = f"HTTP {response.status_code} {response.reason_phrase}"
+            return f"{self.url} rejected the websocket handshake: {status}"
         if isinstance(exc, InvalidHandshake):
             return f"websocket handshake with {self.url} failed: {exc}"
         if isinstance(exc, OSError):
@@ -259,10 +266,7 @@ class WebSocketTransport(Transport):
         except TimeoutError as exc:
             # A send stuck in flow control means the peer stopped reading: count the link as dead.
             conn.ws.transport.abort()
-            info = CloseInfo(
-                ABNORMAL_CLOSURE, f"send did not complete within {self._send_timeout:g} s; connection aborted", exc
-            )
-            raise TransportClosed(self._ended(conn, info)) from exc
+            raise TransportClosed(self._ended(conn, _send_timed_out(self._send_timeout, exc))) from exc
         except ConnectionClosed as exc:
             raise TransportClosed(self._ended(conn, _closed_info(exc))) from exc
 
@@ -284,7 +288,8 @@ class WebSocketTransport(Transport):
                 await ws.close(code, reason)
         except TimeoutError as exc:
             ws.transport.abort()
-            self._ended(conn, CloseInfo(ABNORMAL_CLOSURE, "close handshake timed out; connection aborted", exc))
+            info = CloseInfo(ABNORMAL_CLOSURE, "close handshake timed out; connection aborted", exc)
+            self._ended(conn, info)
             return
         self._ended(conn, _closed_info(ws.close_exc))
 
@@ -401,9 +406,8 @@ class MemoryPeer:
         self.connect_attempts += 1
         if self.refuse:
             self._notify()
-            raise TransportConnectError(
-                CloseInfo(None, "memory peer refuses connections", ConnectionRefusedError("peer.refuse is set"))
-            )
+            refused = ConnectionRefusedError("peer.refuse is set")
+            raise TransportConnectError(CloseInfo(None, "memory peer refuses connections", refused))
         old = self._link
         if old is not None:
             old.end(_dropped("superseded by a new connection"), _dropped("superseded by a new connection"))
@@ -425,14 +429,14 @@ class MemoryPeer:
             raise TransportClosed(CloseInfo(None, "no client has connected", None))
         return link
 
-    async def wait_connected(self, connections: int = 1, timeout: float = 5.0) -> int:
+    async def wait_connected(self, connections: int = 1, timeout: float = 5.0) -> int:  # noqa: ASYNC109
         """Wait until a connection is open and at least ``connections`` were accepted; returns the count."""
         async with asyncio.timeout(timeout):
             while not (self.is_connected() and self.connections >= connections):
                 await self._changed.wait()
         return self.connections
 
-    async def wait_disconnected(self, timeout: float = 5.0) -> CloseInfo:
+    async def wait_disconnected(self, timeout: float = 5.0) -> CloseInfo:  # noqa: ASYNC109
         """Wait until the current connection has ended; returns how the peer saw it end."""
         link = self._current()
         async with asyncio.timeout(timeout):
@@ -466,7 +470,7 @@ class MemoryPeer:
     async def drop(self) -> None:
         """An abrupt drop (no close frame): the client sees 1006."""
         link = self._current()
-        link.end(_dropped("connection lost without a close frame"), _dropped("dropped by the peer"))
+        link.end(_dropped(_NO_CLOSE_FRAME), _dropped("dropped by the peer"))
         self._notify()
 
 
@@ -506,9 +510,7 @@ class MemoryTransport(Transport):
             async with asyncio.timeout(self._send_timeout):
                 await link.to_peer.put(frame)
         except TimeoutError as exc:
-            info = CloseInfo(
-                ABNORMAL_CLOSURE, f"send did not complete within {self._send_timeout:g} s; connection aborted", exc
-            )
+            info = _send_timed_out(self._send_timeout, exc)
             link.end(info, _dropped("client aborted after a send timeout"))
             self._close_info = link.client_info
             self.peer._ended()
@@ -545,7 +547,7 @@ class MemoryTransport(Transport):
         link = self._link
         if link is None or not link.open:
             return
-        link.end(_dropped("connection aborted by the client"), _dropped("connection lost without a close frame"))
+        link.end(_dropped("connection aborted by the client"), _dropped(_NO_CLOSE_FRAME))
         self._close_info = link.client_info
         self.peer._ended()
 
@@ -560,7 +562,9 @@ class MemoryTransport(Transport):
         return self._close_info
 
 
-def memory_transport_pair(*, max_queue: int = 0, send_timeout: float = 10.0) -> tuple[MemoryTransport, MemoryPeer]:
+def memory_transport_pair(
+    *, max_queue: int = 0, send_timeout: float = 10.0
+) -> tuple[MemoryTransport, MemoryPeer]:
     """An in-memory client transport and its server-side peer.
 
     ``max_queue`` bounds the frames the peer has not read yet (0 = unbounded); with a bound, a

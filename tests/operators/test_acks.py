@@ -7,7 +7,7 @@ from typing import Any
 from reactivex.subject import Subject
 from reactivex.testing.marbles import marbles_testing
 
-from operators import AckEvent, Acked, Unacked, UnexpectedResponse, match_acks
+from operators import Acked, AckEvent, Unacked, UnexpectedResponse, match_acks
 
 CONNECTED = {"t": True, "f": False}
 
@@ -17,9 +17,7 @@ def test_simple_pairing() -> None:
         sent = hot("-a-b-c---|")
         responses = hot("--1---2-3-|")
         connected = hot("-t--------", CONNECTED)
-        expected = exp(
-            "--A---B-C-|", {"A": Acked("a", 1), "B": Acked("b", 2), "C": Acked("c", 3)}
-        )
+        expected = exp("--A---B-C-|", {"A": Acked("a", 1), "B": Acked("b", 2), "C": Acked("c", 3)})
         assert start(match_acks(sent, responses, connected)) == expected
 
 
@@ -41,15 +39,15 @@ def test_matching_across_two_disconnects_with_interleaving() -> None:
         sent = hot("--a-b-c-----B-C--d--------C-d------|")
         responses = hot("---1----------------2-------3-4-5----|")
         lookup = {
-            "1": Acked("a", 1),
+            "p": Acked("a", 1),
             "u": Unacked(("b", "c")),
-            "2": Acked("B", 2),
+            "q": Acked("B", 2),
             "v": Unacked(("C", "d")),
-            "3": Acked("C", 3),
-            "4": Acked("d", 4),
-            "5": UnexpectedResponse(5),
+            "r": Acked("C", 3),
+            "s": Acked("d", 4),
+            "x": UnexpectedResponse(5),
         }
-        expected = exp("---1----u-----------2-v-----3-4-5----|", lookup)
+        expected = exp("---p----u-----------q-v-----r-s-x----|", lookup)
         assert start(match_acks(sent, responses, connected)) == expected
 
 

@@ -7,6 +7,7 @@ from statistics import fmean
 from typing import Any
 
 import pytest
+from reactivex import defer
 from reactivex.testing import ReactiveTest, TestScheduler
 from reactivex.testing.marbles import marbles_testing
 
@@ -87,7 +88,9 @@ def test_resubscribes_after_the_drawn_delays() -> None:
     source = scheduler.create_cold_observable(on_next(1, "a"), on_error(3, err))
     expected_delays = Backoff(rng=random.Random(42))  # the same draws, computed independently
     backoff = Backoff(rng=random.Random(42))
-    observer = scheduler.start(lambda: source.pipe(retry_with_backoff(backoff, scheduler=scheduler)), disposed=300)
+    observer = scheduler.start(
+        lambda: source.pipe(retry_with_backoff(backoff, scheduler=scheduler)), disposed=300
+    )
 
     starts = [200.0]
     while True:
@@ -98,10 +101,11 @@ def test_resubscribes_after_the_drawn_delays() -> None:
         starts.append(nxt)
     assert len(starts) >= 5
     assert [s.subscribe for s in source.subscriptions] == pytest.approx(starts)
-    assert [s.unsubscribe for s in source.subscriptions[:-1]] == pytest.approx([s + 3 for s in starts[:-1]])
+    # (ColdObservable records unsubscription times truncated to whole ticks)
+    assert [s.unsubscribe for s in source.subscriptions[:-1]] == [int(s + 3) for s in starts[:-1]]
     assert [m.time for m in observer.messages] == pytest.approx([s + 1 for s in starts])
     # Each connection lived 2 s (< stable_after): the attempts kept growing.
-    assert backoff.attempt == len(starts) - 1 or backoff.attempt == len(starts)
+    assert backoff.attempt == len(starts)  # the last draw scheduled a resubscription after 300
 
 
 def test_marble_delays_double_and_max_retries_forwards_the_error() -> None:
@@ -117,8 +121,6 @@ def test_marble_items_from_each_attempt() -> None:
     err = ConnectionError("reset")
     with marbles_testing(timespan=1.0) as (start, cold, _hot, exp):
         attempts = iter(["-a-#", "-b-#", "-c-|"])
-        from reactivex import defer
-
         source = defer(lambda _: cold(next(attempts), None, err))
         op = retry_with_backoff(Backoff(base=1.0, rng=MaxRandom()), max_retries=1)
         # a at 1, error at 3, wait 1: b at 5, error at 7, wait 2: c at 10, completes at 12.

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from reactivex import of
 from reactivex import operators as ops
-from reactivex.subject import Subject
+from reactivex.subject import BehaviorSubject, Subject
 from reactivex.testing import ReactiveTest, TestScheduler
 from reactivex.testing.marbles import marbles_testing
 
@@ -114,7 +115,11 @@ def test_source_error_while_holding_reports_held_and_forwards_error() -> None:
         op = hold_while_disconnected(gate, letters, on_dropped=dropped.append)
         assert start(source.pipe(op)) == expected
     # Reported in release order: the held KEEP_LATEST item first, then data in arrival order.
-    assert dropped == [Dropped("h", "source_error"), Dropped("b", "source_error"), Dropped("c", "source_error")]
+    assert dropped == [
+        Dropped("h", "source_error"),
+        Dropped("b", "source_error"),
+        Dropped("c", "source_error"),
+    ]
 
 
 def test_gate_error_reports_held_as_source_error_and_forwards() -> None:
@@ -172,7 +177,9 @@ def test_disposal_reports_held_as_disposed_and_unsubscribes_upstream() -> None:
     gate = scheduler.create_hot_observable(on_next(220, True), on_next(225, False), on_next(700, True))
     dropped: list[Dropped[Any]] = []
     depth: list[tuple[int, int]] = []
-    op = hold_while_disconnected(gate, letters, on_dropped=dropped.append, on_depth=lambda c, b: depth.append((c, b)))
+    op = hold_while_disconnected(
+        gate, letters, on_dropped=dropped.append, on_depth=lambda c, b: depth.append((c, b))
+    )
     observer = scheduler.start(lambda: source.pipe(op), disposed=500)
 
     assert observer.messages == [on_next(220, "a")]
@@ -215,7 +222,10 @@ class Rig:
         self.nested = False
         kwargs.setdefault("policy_of", kind_policy)
         op = hold_while_disconnected(
-            self.gate, on_dropped=self.dropped.append, on_depth=lambda c, b: self.depth.append((c, b)), **kwargs
+            self.gate,
+            on_dropped=self.dropped.append,
+            on_depth=lambda c, b: self.depth.append((c, b)),
+            **kwargs,
         )
         self.subscription = self.source.pipe(op).subscribe(self._on_next, self.errors.append, self._done)
 
@@ -248,7 +258,17 @@ def size3(item: tuple[str, int, int]) -> int:
 
 def test_bounds_by_count_eviction_order() -> None:
     rig = Rig(max_count=3)
-    a1, b1, l1, a2, b2, a3, a4, l2, b3 = ("A", 1), ("B", 1), ("L", 1), ("A", 2), ("B", 2), ("A", 3), ("A", 4), ("L", 2), ("B", 3)
+    a1, b1, l1, a2, b2, a3, a4, l2, b3 = (
+        ("A", 1),
+        ("B", 1),
+        ("L", 1),
+        ("A", 2),
+        ("B", 2),
+        ("A", 3),
+        ("A", 4),
+        ("L", 2),
+        ("B", 3),
+    )
     rig.push(a1, b1, l1)
     assert rig.dropped == []
     rig.push(a2)  # 4 > 3: the held KEEP_LATEST goes first
@@ -272,7 +292,15 @@ def test_bounds_by_count_eviction_order() -> None:
 
 def test_bounds_by_bytes_eviction_order() -> None:
     rig = Rig(max_bytes=10, size_of=size3)
-    a1, b1, l1, a2, b2, a3, a4 = ("A", 1, 4), ("B", 1, 3), ("L", 1, 2), ("A", 2, 2), ("B", 2, 5), ("A", 3, 20), ("A", 4, 1)
+    a1, b1, l1, a2, b2, a3, a4 = (
+        ("A", 1, 4),
+        ("B", 1, 3),
+        ("L", 1, 2),
+        ("A", 2, 2),
+        ("B", 2, 5),
+        ("A", 3, 20),
+        ("A", 4, 1),
+    )
     rig.push(a1, b1, l1)
     assert rig.depth[-1] == (3, 9)
     rig.push(a2)  # 11 bytes: the heartbeat goes
@@ -282,7 +310,11 @@ def test_bounds_by_bytes_eviction_order() -> None:
     assert rig.dropped[1:] == [Dropped(b1, "outbox_full"), Dropped(b2, "outbox_full")]
     assert rig.depth[-1] == (2, 6)
     rig.push(a3)  # 26 bytes, only KEEP_ALL: a1, a2, then the incoming a3 itself
-    assert rig.dropped[3:] == [Dropped(a1, "outbox_full"), Dropped(a2, "outbox_full"), Dropped(a3, "outbox_full")]
+    assert rig.dropped[3:] == [
+        Dropped(a1, "outbox_full"),
+        Dropped(a2, "outbox_full"),
+        Dropped(a3, "outbox_full"),
+    ]
     assert rig.depth[-1] == (0, 0)
     rig.push(a4)
     rig.gate.on_next(True)
@@ -407,10 +439,24 @@ def test_invalid_arguments() -> None:
 
 
 def test_composes_with_a_behavior_subject_gate() -> None:
-    from reactivex import of
-    from reactivex.subject import BehaviorSubject
-
     gate = BehaviorSubject(True)
     out: list[str] = []
     of("a", "b").pipe(hold_while_disconnected(gate, letters), ops.map(str.upper)).subscribe(out.append)
     assert out == ["A", "B"]
+
+
+def test_max_bounded_evicts_oldest_bounded_only() -> None:
+    """A per-class bound on KEEP_BOUNDED items: the oldest of them go, KEEP_ALL items stay."""
+    gate: BehaviorSubject[bool] = BehaviorSubject(False)
+    source: Subject[str] = Subject()
+    dropped: list[Dropped[str]] = []
+    out: list[str] = []
+    policy = {"s": HoldPolicy.KEEP_BOUNDED, "d": HoldPolicy.KEEP_ALL}
+    source.pipe(
+        hold_while_disconnected(gate, lambda item: policy[item[0]], max_bounded=2, on_dropped=dropped.append)
+    ).subscribe(out.append)
+    for item in ["s1", "d1", "s2", "s3", "d2", "s4"]:
+        source.on_next(item)
+    gate.on_next(True)
+    assert out == ["d1", "s3", "d2", "s4"]
+    assert [(d.item, d.reason) for d in dropped] == [("s1", "outbox_full"), ("s2", "outbox_full")]

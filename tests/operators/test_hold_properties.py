@@ -20,9 +20,7 @@ class Item:
     backpressure: bool  # the consumer closes the gate from inside on_next when it receives this item
 
 
-item_events = st.tuples(
-    st.just("item"), st.sampled_from(list(HoldPolicy)), st.integers(0, 10), st.booleans()
-)
+item_events = st.tuples(st.just("item"), st.sampled_from(list(HoldPolicy)), st.integers(0, 10), st.booleans())
 gate_events = st.tuples(st.just("gate"), st.booleans())
 events = st.lists(st.one_of(item_events, item_events, gate_events), max_size=60)
 
@@ -36,9 +34,7 @@ class Run:
     completed: bool
 
 
-def drive(
-    evs: list[tuple[object, ...]], max_count: int | None = None, max_bytes: int | None = None
-) -> Run:
+def drive(evs: list[tuple[object, ...]], max_count: int | None = None, max_bytes: int | None = None) -> Run:
     gate: Subject[bool] = Subject()
     source: Subject[Item] = Subject()
     run = Run([], [], [], [], False)

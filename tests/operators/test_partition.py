@@ -46,7 +46,9 @@ def test_routing_by_key_docstring_diagram() -> None:
 def test_default_branch_gets_unknown_keys() -> None:
     with marbles_testing(timespan=1.0) as (start, _cold, hot, exp):
         source = hot("-a-1-B-|")
-        parts = partition_by(source, lambda x: "digit" if isinstance(x, int) else case(x), ["lower"], default="other")
+        parts = partition_by(
+            source, lambda x: "digit" if isinstance(x, int) else case(x), ["lower"], default="other"
+        )
         assert set(parts.branches) == {"lower", "other"}
         lookup = {"l": ("lower", "a"), "d": ("other", 1), "o": ("other", "B")}
         assert start(tagged(parts)) == exp("-l-d-o-|", lookup)

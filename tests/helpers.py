@@ -1,0 +1,88 @@
+"""Shared test helpers: the dev key, condition waits, and a client run in an owned task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from bittensor_wallet import Keypair
+
+from streams import ClientConfig, FacilitatorClient, SystemEvent
+from streams.job_dispatcher import Dispatcher, Handler, SimulatedDispatcher
+
+ALICE = Keypair.create_from_uri("//Alice")
+BOB = Keypair.create_from_uri("//Bob")
+
+FULL_SEQUENCE = ["received", "accepted", "executor_ready", "volumes_ready", "execution_done", "completed"]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    """Poll a condition until it holds; fail with ``what`` if it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def fast_config(url: str, **overrides: Any) -> ClientConfig:
+    """Timings scaled down so reconnect scenarios take a fraction of a second."""
+    defaults: dict[str, Any] = dict(
+        heartbeat_period=5.0,
+        ping_interval=0.5,
+        ping_timeout=0.5,
+        connect_timeout=2.0,
+        auth_timeout=2.0,
+        close_timeout=1.0,
+        send_timeout=2.0,
+        backoff_base=0.01,
+        backoff_cap=0.05,
+        backoff_stable_after=0.5,
+        backoff_seed=1,
+        drain_timeout=2.0,
+    )
+    defaults.update(overrides)
+    return ClientConfig(url=url, **defaults)
+
+
+class Running:
+    """A started client plus what it reported, for assertions."""
+
+    def __init__(self, client: FacilitatorClient) -> None:
+        self.client = client
+        self.events: list[SystemEvent] = []
+        client.events.subscribe(self.events.append)
+
+    def events_of(self, type_: str) -> list[SystemEvent]:
+        return [event for event in self.events if event.type == type_]
+
+    @property
+    def counters(self) -> dict[str, float]:
+        counters: dict[str, float] = self.client.metrics.snapshot()["counters"]
+        return counters
+
+
+@contextlib.asynccontextmanager
+async def running_client(
+    config: ClientConfig,
+    dispatcher: Dispatcher | Handler | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[Running]:
+    """Start a client in a task; on exit stop it and check that it left no task behind."""
+    before = asyncio.all_tasks()
+    client = FacilitatorClient(
+        config, signer=ALICE, dispatcher=dispatcher or SimulatedDispatcher(step_delay=0.0), **kwargs
+    )
+    running = Running(client)
+    task = asyncio.create_task(client.start(), name="test-client")
+    try:
+        yield running
+    finally:
+        async with asyncio.timeout(10):
+            await client.stop()
+            await task
+        leftover = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+        assert not leftover, f"tasks left behind: {leftover}"
