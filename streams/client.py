@@ -9,6 +9,7 @@ task owned by the context manager.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from types import TracebackType
@@ -100,6 +101,7 @@ class FacilitatorClient:
         )
         self.cheats = CheatReportHandler(on_cheat)
         self._phase = _Phase.NEW
+        self._ever_started = False
         self._stop_requested = asyncio.Event()
         self._done = asyncio.Event()
         self._background: asyncio.Task[None] | None = None
@@ -128,11 +130,14 @@ class FacilitatorClient:
 
     async def start(self) -> None:
         """Run until ``stop()`` or cancellation; teardown always runs (in ``finally``)."""
+        if self._phase is _Phase.STOPPED and not self._ever_started:
+            return  # stop() came before start() ran: nothing to do
         if self._phase is not _Phase.NEW:
             raise RuntimeError(
                 f"FacilitatorClient.start() can be called once; this client is {self._phase.value}"
             )
         self._phase = _Phase.RUNNING
+        self._ever_started = True
         cancelled = True
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -225,11 +230,15 @@ class FacilitatorClient:
             async with asyncio.timeout(close_timeout):
                 await self.connection.stop()
         except TimeoutError:
-            self._transport.abort()
+            pass
+        self._transport.abort()  # no-op after a clean close; ends a half-closed one at once
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await self._transport.wait_closed()  # the websocket's own I/O tasks end too
         if self._messages is not None:
             self._messages.close()
         self.connection.complete()

@@ -38,8 +38,10 @@ class HeartbeatManager:
         def per_connection(connected: bool) -> reactivex.Observable[V0Heartbeat]:
             if not connected:
                 return reactivex.empty()
-            return reactivex.timer(0.0, self._period, scheduler=self._scheduler).pipe(
-                ops.map(lambda _: self._heartbeat)
+            # The first heartbeat is emitted synchronously, as the connection comes up, so that it
+            # reaches the send loop before any backlog the reconnect releases.
+            return reactivex.interval(self._period, scheduler=self._scheduler).pipe(
+                ops.start_with(-1), ops.map(lambda _: self._heartbeat)
             )
 
         def is_connected(state: ConnectionState) -> bool:

@@ -1,14 +1,16 @@
 """MessageManager: the outbox, the send loop and acknowledgement tracking.
 
-    merged sources ─► envelope (encode once) ─► hold_while_disconnected(gate) ─► wire queue ─► send loop ─► transport
-                                                      ▲ gate = connected and wire queue not full       │
-                                                      └──────────────── backpressure ◄─────────────────┘
+    merged sources ─► envelope (encode once) ─┬─ data ─► hold_while_disconnected(gate) ─► wire queue ─┐
+                                               │                 ▲ gate = connected, wire not full     ├► send loop
+                                               │                 └────────── backpressure ◄───────────┤   ─► transport
+                                               └─ heartbeats ─► priority slot (one, the newest) ──────┘
     responses ─► match_acks(sent-for-ack, responses, connected) ─► Acked / Unacked (resend first)
 
 The hold operator is the outbox: it keeps order, applies the per-type policies and the bounds, and
 reports every drop. The wire queue is a short hand-off (``wire_queue_size``) to the one task that
-writes frames. Heartbeats skip the queue through a one-slot priority lane: they are liveness, not
-data, and must never wait behind a backlog. Status updates stay in flight until their Response;
+writes frames. Heartbeats (KEEP_LATEST) skip both through a one-slot priority lane: they are
+liveness, not data, and must never wait behind a backlog (they are only produced while connected,
+and one left over from a dead connection is discarded as stale). Status updates stay in flight until their Response;
 the ones a dropped connection leaves unanswered go back to the front of the wire queue, in order.
 """
 
@@ -216,12 +218,9 @@ class MessageManager:
             ops.map(_is_connected), ops.distinct_until_changed()
         )
 
-        def wrap(message: OutboundMessage) -> Envelope:
-            return envelope_of(message, self._clock())
-
         merged: reactivex.Observable[OutboundMessage] = reactivex.merge(*self._sources)
-        envelopes: reactivex.Observable[Envelope] = merged.pipe(ops.map(wrap))
-        outbox = envelopes.pipe(
+        data: Subject[Envelope] = Subject()
+        outbox = data.pipe(
             hold_while_disconnected(
                 self._gate,
                 lambda envelope: envelope.policy,
@@ -233,11 +232,20 @@ class MessageManager:
                 on_depth=self._on_held_depth,
             ),
         )
+
+        def route(message: OutboundMessage) -> None:
+            envelope = envelope_of(message, self._clock())
+            if envelope.policy is HoldPolicy.KEEP_LATEST:
+                self._to_priority(envelope)  # liveness, not data: never behind a backlog
+            else:
+                data.on_next(envelope)
+
         self._subscriptions.add(connected.subscribe(self._on_connected))
         self._subscriptions.add(
             match_acks(self._for_ack, self._responses, connected).subscribe(self._on_ack_event)
         )
         self._subscriptions.add(outbox.subscribe(self._to_wire))
+        self._subscriptions.add(merged.subscribe(route))
 
     async def run(self) -> None:
         """The send loop: the only writer of frames. Runs until cancelled."""
@@ -300,13 +308,15 @@ class MessageManager:
             return None
         return self._wire.popleft()
 
+    def _to_priority(self, envelope: Envelope) -> None:
+        """The one-slot lane for KEEP_LATEST messages (heartbeats): at most one, the newest."""
+        if self._heartbeat is not None:
+            self._dropped.on_next(Dropped(self._heartbeat, "superseded"))
+        self._heartbeat = envelope
+        self._wake.set()
+
     def _to_wire(self, envelope: Envelope) -> None:
-        if envelope.policy is HoldPolicy.KEEP_LATEST:
-            if self._heartbeat is not None:
-                self._dropped.on_next(Dropped(self._heartbeat, "superseded"))
-            self._heartbeat = envelope
-        else:
-            self._wire.append(envelope)
+        self._wire.append(envelope)
         self._update_gate()
         self._publish_depth()
         self._wake.set()

@@ -154,28 +154,29 @@ class _Metadata(BaseModel):
 class MinerResponse(_Metadata):
     """What the miner's job printed and produced."""
 
-    # stdout before stderr: the key order of the captured real traffic.
-    docker_process_stdout: str | None = None
-    docker_process_stderr: str | None = None
-    artifacts: dict[str, Any] | None = None
-    upload_results: dict[str, Any] | None = None
+    # stdout before stderr: the key order of the captured real traffic. Both are required, as the
+    # facilitator's own model requires them: an update it cannot parse would shift FIFO ack matching.
+    docker_process_stdout: str
+    docker_process_stderr: str
+    artifacts: dict[str, str] | None = None
+    upload_results: dict[str, str] | None = None
 
 
 class JobRejectionDetails(_Metadata):
     """Why a job was rejected, and by whom."""
 
-    rejected_by: str | None = None
-    reason: str | None = None
-    message: str | None = None
+    rejected_by: str
+    reason: str
+    message: str
     context: Any = None
 
 
 class JobFailureDetails(_Metadata):
     """Why and where an accepted job failed."""
 
-    reason: str | None = None
-    stage: str | None = None
-    message: str | None = None
+    reason: str
+    stage: str
+    message: str
     context: Any = None
     docker_process_exit_status: int | None = None
     docker_process_stdout: str | None = None
@@ -185,9 +186,9 @@ class JobFailureDetails(_Metadata):
 class HordeFailureDetails(_Metadata):
     """A failure of the horde itself (validator, facilitator), not of the job."""
 
-    reported_by: str | None = None
-    reason: str | None = None
-    message: str | None = None
+    reported_by: str
+    reason: str
+    message: str
     context: Any = None
 
 

@@ -156,9 +156,7 @@ def _error(msg: str, type_: str, help_: str) -> str:
 
 
 SUCCESS = _Response(status="success").model_dump_json()
-NOT_AUTHENTICATED = _error(
-    "Not authenticated", "auth.not_authenticated", "Please send authentication request first"
-)
+NOT_AUTHENTICATED = _error("Not authenticated", "auth.not_authenticated", "Please send authentication request first")
 ALREADY_AUTHENTICATED = _error(
     "Already authenticated",
     "auth.already_authenticated",
@@ -286,6 +284,10 @@ class _Conn:
     resume: asyncio.TimerHandle | None = None
     acks: asyncio.Queue[tuple[float, str]] | None = None
     writer: asyncio.Task[None] | None = None
+    last_frame: float = 0.0
+    """loop.time() of the last frame received (for the idle timeout)."""
+    idle_timer: asyncio.TimerHandle | None = None
+    idle_close: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -436,7 +438,7 @@ class FacilitatorSimulator:
     async def wait_for(
         self,
         predicate: Callable[[], bool],
-        timeout: float | None,  # noqa: ASYNC109 - the timeout is the point of this helper
+        timeout: float | None,
         what: str | None = None,
     ) -> None:
         """Wait until ``predicate()`` holds, re-checking on every frame and connection change."""
@@ -446,12 +448,18 @@ class FacilitatorSimulator:
                     await self._changed.wait()
         except TimeoutError:
             name = what or getattr(predicate, "__name__", "condition")
-            raise TimeoutError(
-                f"simulator: {name} not met within {timeout} s; connections={self.connections} "
-                f"open={self.open_connections} authenticated={self.authenticated_connections} "
-                f"received={len(self.received)} stored={self.stored} violations={self.violations} "
-                f"faults={self.faults}"
-            ) from None
+            raise TimeoutError(f"simulator: {name} not met within {timeout} s; {self.summary()}") from None
+
+    def summary(self) -> str:
+        """One line of state, for failure messages."""
+        last = self.received[-1].frame if self.received else None
+        last_text = None if last is None else (last[:200] if isinstance(last, str) else f"<{len(last)} bytes>")
+        return (
+            f"connections={self.connections} open={self.open_connections} "
+            f"authenticated={self.authenticated_connections} received={len(self.received)} "
+            f"last_received={last_text!r} jobs={len(self.jobs)} violations={self.violations[-5:]} "
+            f"faults={self.faults[-5:]}"
+        )
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -648,18 +656,23 @@ class FacilitatorSimulator:
         conn = _Conn(record, ws)
         self._live[record.conn_id] = conn
         self._notify()
+        conn.last_frame = asyncio.get_running_loop().time()
+        self._arm_idle(conn)
         try:
             await self._serve(conn)
         finally:
             conn.dead = True
-            if conn.resume is not None:
-                conn.resume.cancel()
+            for timer in (conn.resume, conn.idle_timer):
+                if timer is not None:
+                    timer.cancel()
             if conn.writer is not None:
                 conn.writer.cancel()
                 try:
                     await conn.writer
                 except asyncio.CancelledError:
                     pass
+            if conn.idle_close is not None:
+                await conn.idle_close  # ends with the connection it is closing
             killed = conn.ws.transport.is_closing() and ws.close_code is None
             if conn.stalled and not conn.ws.transport.is_closing():
                 conn.ws.transport.abort()  # the server's own close handshake could not complete
@@ -670,18 +683,34 @@ class FacilitatorSimulator:
             record.close_reason = "dropped by the simulator" if killed else ws.close_reason or ""
             self._notify()
 
+    def _arm_idle(self, conn: _Conn) -> None:
+        """One timer per connection (not a timeout per recv: this server also serves benchmarks)."""
+        if self._idle_timeout is not None:
+            when = conn.last_frame + self._idle_timeout
+            conn.idle_timer = asyncio.get_running_loop().call_at(when, self._idle_check, conn)
+
+    def _idle_check(self, conn: _Conn) -> None:
+        conn.idle_timer = None
+        if conn.dead or self._idle_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        if conn.stalled or loop.time() - conn.last_frame < self._idle_timeout:
+            self._arm_idle(conn)
+            return
+        # The real one closes a connection silent for 10 minutes with 3001; awaited by the handler.
+        conn.idle_close = loop.create_task(self._close(conn, 3001, ""))
+
     async def _serve(self, conn: _Conn) -> None:
         ws = conn.ws
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                async with asyncio.timeout(self._idle_timeout):
-                    frame = await ws.recv()
+                frame = await ws.recv()
             except ConnectionClosed:
                 return
-            except TimeoutError:
-                await ws.close(3001)  # the real one closes connections silent for 10 minutes
-                return
-            await conn.gate.wait()
+            conn.last_frame = loop.time()
+            if conn.stalled:
+                await conn.gate.wait()
             if conn.dead:
                 return
             if not await self._on_frame(conn, frame):
@@ -748,16 +777,17 @@ class FacilitatorSimulator:
             return await self._respond(conn, ALREADY_AUTHENTICATED)
         forced = self._refusals.popleft() if self._refusals else None
         try:
-            ss58_address: str = Keypair(public_key=message.public_key, ss58_format=42).ss58_address
+            keypair = Keypair(public_key=message.public_key, ss58_format=42)
+            ss58_address: str = keypair.ss58_address
         except Exception as exc:
             return await self._crash(conn, f"auth request with an unusable public_key ({exc})")
         allowed = self.allowed_hotkeys
+        # The real one looks the validator up before it checks the signature.
         if forced == "validator_not_found" or (allowed is not None and ss58_address not in allowed):
             return await self._refuse(conn, validator_not_found(ss58_address), 3001)
         if forced == "signature_invalid":
             return await self._refuse(conn, SIGNATURE_INVALID, 3000)
         try:
-            keypair = Keypair(public_key=message.public_key, ss58_format=42)
             valid = bool(keypair.verify(bytes.fromhex(message.public_key), message.signature))
         except Exception as exc:
             return await self._crash(conn, f"auth request with a malformed signature ({exc})")

@@ -24,9 +24,10 @@ from websockets.exceptions import (
     ConnectionClosedOK,
     InvalidHandshake,
     InvalidStatus,
-    InvalidURI,
+    WebSocketException,
 )
 from websockets.frames import CLOSE_CODE_EXPLANATIONS, Close
+from websockets.protocol import State
 
 __all__ = [
     "CloseInfo",
@@ -70,11 +71,16 @@ class CloseInfo:
             text += f" ({self.reason})"
         exc = self.exception
         if exc is not None:
-            text += f" — {type(exc).__name__}: {exc}"
+            text += f" — {_exception_text(exc)}"
             cause = exc.__cause__
-            if cause is not None:
-                text += f" (caused by {type(cause).__name__}: {cause})"
+            if cause is not None and not isinstance(cause, asyncio.CancelledError):
+                text += f" (caused by {_exception_text(cause)})"
         return text
+
+
+def _exception_text(exc: BaseException) -> str:
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class TransportError(Exception):
@@ -97,8 +103,9 @@ def _code_description(code: int) -> str:
     return _FACILITATOR_CODES.get(code) or CLOSE_CODE_EXPLANATIONS.get(code, "")
 
 
-def _send_timed_out(timeout: float, exc: TimeoutError) -> CloseInfo:
-    return CloseInfo(ABNORMAL_CLOSURE, f"send did not complete within {timeout:g} s; connection aborted", exc)
+def _send_timed_out(timeout: float) -> CloseInfo:
+    error = TimeoutError("send blocked: the peer is not reading, or the link is down")
+    return CloseInfo(ABNORMAL_CLOSURE, f"send did not complete within {timeout:g} s; connection aborted", error)
 
 
 def _closed_info(exc: ConnectionClosed) -> CloseInfo:
@@ -141,6 +148,9 @@ class Transport(abc.ABC):
     def abort(self) -> None:
         """Drop the connection at once, without a close handshake."""
 
+    async def wait_closed(self) -> None:  # noqa: B027 - optional hook, nothing to wait for by default
+        """Wait until the last connection released its resources (its I/O tasks), after close/abort."""
+
     @abc.abstractmethod
     def is_connected(self) -> bool:
         """True from a successful connect() until the connection ends."""
@@ -180,7 +190,13 @@ class _Connection:
 
 
 class WebSocketTransport(Transport):
-    """A :class:`Transport` over the websockets library (new asyncio API)."""
+    """A :class:`Transport` over the websockets library (new asyncio API).
+
+    Keepalive is websockets' own: a peer that stops answering pings is failed with 1011 "keepalive
+    ping timeout" after ``ping_interval + ping_timeout``; the connection then ends once the unanswered
+    close handshake gives up, ``close_timeout`` later. ``headers`` go with every opening handshake
+    (X-Validator-Version, X-Validator-Runner-Version).
+    """
 
     def __init__(
         self,
@@ -208,8 +224,10 @@ class WebSocketTransport(Transport):
         self._close_info: CloseInfo | None = None
 
     async def connect(self) -> None:
-        if self._conn is not None or self._connecting:
+        if self.is_connected() or self._connecting:
             raise RuntimeError("transport is already connected (close() or abort() it first)")
+        if self._conn is not None:  # ended (or ending) without anyone noticing: settle it first
+            self._settle(self._conn)
         self._connecting = True
         try:
             ws = await connect(
@@ -221,12 +239,13 @@ class WebSocketTransport(Transport):
                 open_timeout=self._open_timeout,
                 close_timeout=self._close_timeout,
             )
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+        except (OSError, TimeoutError, WebSocketException) as exc:
             self._close_info = CloseInfo(None, self._connect_failure(exc), exc)
             raise TransportConnectError(self._close_info) from exc
         finally:
             self._connecting = False
         self._conn = _Connection(ws)
+        self._last_ws = ws
         self._close_info = None
 
     def _connect_failure(self, exc: BaseException) -> str:
@@ -251,6 +270,14 @@ class WebSocketTransport(Transport):
             self._close_info = conn.info
         return conn.info
 
+    def _settle(self, conn: _Connection) -> None:
+        ws = conn.ws
+        if ws.state is State.CLOSED:
+            self._ended(conn, _closed_info(ws.close_exc))
+        else:
+            ws.transport.abort()
+            self._ended(conn, CloseInfo(ABNORMAL_CLOSURE, "connection was closing; aborted", None))
+
     def _current(self) -> _Connection:
         conn = self._conn
         if conn is None:
@@ -266,7 +293,7 @@ class WebSocketTransport(Transport):
         except TimeoutError as exc:
             # A send stuck in flow control means the peer stopped reading: count the link as dead.
             conn.ws.transport.abort()
-            raise TransportClosed(self._ended(conn, _send_timed_out(self._send_timeout, exc))) from exc
+            raise TransportClosed(self._ended(conn, _send_timed_out(self._send_timeout))) from exc
         except ConnectionClosed as exc:
             raise TransportClosed(self._ended(conn, _closed_info(exc))) from exc
 
@@ -296,12 +323,27 @@ class WebSocketTransport(Transport):
     def abort(self) -> None:
         conn = self._conn
         if conn is None:
+            last = getattr(self, "_last_ws", None)
+            if last is not None and last.state is not State.CLOSED:
+                last.transport.abort()  # a closing handshake that nobody waits for any more
+            return
+        if conn.ws.state is State.CLOSED:  # already over: keep the real reason
+            self._settle(conn)
             return
         conn.ws.transport.abort()
         self._ended(conn, CloseInfo(ABNORMAL_CLOSURE, "connection aborted by the client", None))
 
+    async def wait_closed(self) -> None:
+        ws = getattr(self, "_last_ws", None)
+        if ws is not None:
+            await ws.wait_closed()
+            keepalive = ws.keepalive_task  # cancelled by connection_lost; let it finish
+            if keepalive is not None and not keepalive.done():
+                await asyncio.wait([keepalive])
+
     def is_connected(self) -> bool:
-        return self._conn is not None
+        """True while the connection is open (a closing one no longer counts)."""
+        return self._conn is not None and self._conn.ws.state is State.OPEN
 
     @property
     def close_info(self) -> CloseInfo | None:
@@ -429,14 +471,14 @@ class MemoryPeer:
             raise TransportClosed(CloseInfo(None, "no client has connected", None))
         return link
 
-    async def wait_connected(self, connections: int = 1, timeout: float = 5.0) -> int:  # noqa: ASYNC109
+    async def wait_connected(self, connections: int = 1, timeout: float = 5.0) -> int:
         """Wait until a connection is open and at least ``connections`` were accepted; returns the count."""
         async with asyncio.timeout(timeout):
             while not (self.is_connected() and self.connections >= connections):
                 await self._changed.wait()
         return self.connections
 
-    async def wait_disconnected(self, timeout: float = 5.0) -> CloseInfo:  # noqa: ASYNC109
+    async def wait_disconnected(self, timeout: float = 5.0) -> CloseInfo:
         """Wait until the current connection has ended; returns how the peer saw it end."""
         link = self._current()
         async with asyncio.timeout(timeout):
@@ -510,7 +552,7 @@ class MemoryTransport(Transport):
             async with asyncio.timeout(self._send_timeout):
                 await link.to_peer.put(frame)
         except TimeoutError as exc:
-            info = _send_timed_out(self._send_timeout, exc)
+            info = _send_timed_out(self._send_timeout)
             link.end(info, _dropped("client aborted after a send timeout"))
             self._close_info = link.client_info
             self.peer._ended()
@@ -562,9 +604,7 @@ class MemoryTransport(Transport):
         return self._close_info
 
 
-def memory_transport_pair(
-    *, max_queue: int = 0, send_timeout: float = 10.0
-) -> tuple[MemoryTransport, MemoryPeer]:
+def memory_transport_pair(*, max_queue: int = 0, send_timeout: float = 10.0) -> tuple[MemoryTransport, MemoryPeer]:
     """An in-memory client transport and its server-side peer.
 
     ``max_queue`` bounds the frames the peer has not read yet (0 = unbounded); with a bound, a

@@ -1,0 +1,50 @@
+"""Shared fixtures: the validator's dev key, auth frames, and a running facilitator simulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import pytest
+from bittensor_wallet import Keypair
+
+from streams.simulator import FacilitatorSimulator
+
+AuthFrame = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def alice() -> Keypair:
+    """The validator hotkey of the captures (sr25519 dev key //Alice)."""
+    return Keypair.create_from_uri("//Alice")
+
+
+@pytest.fixture(scope="session")
+def bob() -> Keypair:
+    return Keypair.create_from_uri("//Bob")
+
+
+@pytest.fixture(scope="session")
+def auth_frame(alice: Keypair) -> AuthFrame:
+    """``auth_frame(keypair=alice, signed=public_key)``: a V0AuthenticationRequest frame, as PROTOCOL.md says."""
+
+    def build(keypair: Keypair = alice, signed: bytes | None = None) -> str:
+        public_key = keypair.public_key
+        assert public_key is not None
+        signature = keypair.sign(public_key if signed is None else signed)
+        return orjson.dumps(
+            {
+                "message_type": "V0AuthenticationRequest",
+                "public_key": public_key.hex(),
+                "signature": "0x" + signature.hex(),
+            }
+        ).decode()
+
+    return build
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[FacilitatorSimulator]:
+    """A simulator on 127.0.0.1 (random port), stopped after the test."""
+    async with FacilitatorSimulator(seed=1234) as sim:
+        yield sim
