@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _register_extra_commands(sub: Any) -> None:
     """Subcommands that live in their own modules (simulator, demo, replay) add themselves here."""
-    for module_name in ("streams.simulator_cli", "streams.demo", "streams.replay"):
+    for module_name in ("streams.simulator_cli", "streams.demo", "streams.replay", "streams.celery"):
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

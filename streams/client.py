@@ -208,6 +208,9 @@ class FacilitatorClient:
             cheat_reports=cheat_reports,
         )
         self.messages.start()
+        bind = getattr(self.jobs.dispatcher, "bind", None)
+        if bind is not None:  # e.g. the Celery dispatcher feeds statuses and needs their acks
+            bind(self.statuses, self.messages.acks)
         inbound["job"].pipe(ops.map(_message)).subscribe(self.jobs.submit)
         cheat_reports.subscribe(self.cheats.submit)
         self.specs.start()

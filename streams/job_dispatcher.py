@@ -30,7 +30,13 @@ Handler = Callable[[V2JobRequest, Report], Awaitable[None]]
 
 @runtime_checkable
 class Dispatcher(Protocol):
-    """Runs one job. Report progress with ``report(status, metadata=None)``."""
+    """Runs one job. Report progress with ``report(status, metadata=None)``.
+
+    Optional hooks a dispatcher may define: ``async start()`` / ``async stop()`` (called with the
+    client's lifecycle) and ``bind(statuses, acks)``, called once before start with the client's
+    JobStatusUpdateManager and the observable of acknowledged status updates (``AckOutcome``), for
+    dispatchers whose statuses arrive from elsewhere (Celery workers) and must be confirmed there.
+    """
 
     async def handle(self, job: V2JobRequest, report: Report) -> None: ...
 

@@ -1,0 +1,317 @@
+"""``python -m streams demo``: the simulator and a client against it, with a live view and a summary.
+
+The simulator plays a facilitator that sends job requests, a few cheat reports and malformed
+frames, and (with ``--faults``) refuses the first auth, drops the connection, closes it with an
+error code and stalls it. The client runs the simulated dispatcher. At the end the demo checks,
+against what the facilitator stored, that no status was lost or reordered, prints a summary and
+names the recording it wrote (replay it with ``python -m streams replay FILE`` or the notebook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from bittensor_wallet import Keypair
+
+from streams.client import FacilitatorClient
+from streams.config import ClientConfig
+from streams.events import ConnectionState, EventType, SystemEvent
+from streams.job_dispatcher import SimulatedDispatcher
+from streams.simulator import FacilitatorSimulator
+
+EXPECTED = ["sent", "received", "accepted", "executor_ready", "volumes_ready", "execution_done"]
+
+
+def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]]:
+    parser = sub.add_parser("demo", help="the simulator and a client, with a live view and a summary")
+    parser.add_argument("--jobs", type=int, default=50, help="job requests the facilitator sends (default 50)")
+    parser.add_argument("--duration", type=float, default=45.0, help="give up after this many seconds")
+    parser.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
+                        help="inject drops, close codes, a stall and an auth refusal (default on)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--step-delay", type=float, default=0.15, help="simulated job step delay")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="recording file (default recordings/demo-<time>.jsonl)")
+    return {"demo": _demo}
+
+
+@dataclass
+class DemoResult:
+    jobs: int
+    completed: int
+    failed: int
+    delivered: int
+    lost: int
+    duplicated: int
+    reordered: int
+    disconnects: Counter[str] = field(default_factory=Counter)
+    downtime: float = 0.0
+    elapsed: float = 0.0
+    throughput: float = 0.0
+    cheat_reports: int = 0
+    malformed: int = 0
+    recording: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.reordered == 0 and self.completed + self.failed == self.jobs
+
+
+async def run_demo(
+    *,
+    jobs: int = 50,
+    duration: float = 45.0,
+    faults: bool = True,
+    seed: int = 7,
+    step_delay: float = 0.15,
+    record: Path | None = None,
+    out: TextIO = sys.stdout,
+    live: bool | None = None,
+) -> DemoResult:
+    """Run the whole demo; returns the figures the summary prints."""
+    from streams.recording import open_recorder
+
+    rng = random.Random(seed)
+    live = out.isatty() if live is None else live
+    async with FacilitatorSimulator(seed=seed) as sim:
+        config = ClientConfig(
+            url=sim.url,
+            heartbeat_period=1.0,
+            ping_interval=0.5,
+            ping_timeout=0.5,
+            close_timeout=0.5,
+            send_timeout=2.0,
+            backoff_base=0.05,
+            backoff_cap=0.5,
+            backoff_stable_after=2.0,
+            backoff_seed=seed,
+        )
+        recorder = transport = None
+        if record is not None:
+            recorder, transport = open_recorder(record, config)
+        client = FacilitatorClient(
+            config,
+            signer=Keypair.create_from_uri("//Alice"),
+            dispatcher=SimulatedDispatcher(step_delay),
+            on_cheat=_on_cheat,
+            transport=transport,
+        )
+        events: list[SystemEvent] = []
+        client.events.subscribe(events.append)
+        if faults:
+            sim.refuse_next_auth("validator_not_found")
+        started = time.monotonic()
+        client_task = asyncio.create_task(client.start(), name="demo-client")
+        view = _LiveView(client, sim, jobs, out) if live else None
+        view_task = asyncio.create_task(view.run(), name="demo-view") if view else None
+        try:
+            await _script(sim, client, jobs, faults, rng, step_delay)
+            with contextlib.suppress(TimeoutError):
+                await sim.wait_for(lambda: _finished(sim) >= jobs, max(1.0, duration - (time.monotonic() - started)))
+            with contextlib.suppress(TimeoutError):  # let the last acknowledgements arrive
+                await asyncio.wait_for(_until(lambda: client.messages.current_depth.pending == 0), 5)
+        finally:
+            if view_task is not None:
+                view_task.cancel()
+                await asyncio.gather(view_task, return_exceptions=True)
+            await client.stop()
+            await client_task
+            if recorder is not None:
+                await recorder.aclose()
+        elapsed = time.monotonic() - started
+        result = _result(sim, client, events, jobs, elapsed)
+        result.recording = record
+        if view is not None:
+            view.clear()
+        return result
+
+
+async def _on_cheat(report: Any) -> None:
+    """The demo's host just acknowledges cheat reports (a validator would re-check the job)."""
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.05)
+
+
+async def _script(
+    sim: FacilitatorSimulator, client: FacilitatorClient, jobs: int, faults: bool, rng: random.Random, step: float
+) -> None:
+    """The facilitator's side of the demo: job requests spread out, with faults among them."""
+    await sim.wait_for(lambda: sim.authenticated_connections > 0, 15, "the client's first auth")
+    fault_at = sorted(rng.sample(range(5, max(6, jobs)), k=min(4, max(0, jobs - 5)))) if faults else []
+    kinds = ["drop", "close", "stall", "drop"]
+    sent: list[str] = []
+    for n in range(jobs):
+        overrides = {"env": {"SIMULATE": "fail"}} if n % 17 == 16 else {}
+        job = await sim.send_job_request(**overrides)
+        sent.append(job["uuid"])
+        if n in (3, jobs // 2):
+            await sim.send_cheat_report(sent[0])
+        if n in (7, jobs - 3):
+            await sim.send_raw('{"message_type": "V2JobRequest", "uuid": 42}' if n == 7 else "{garbled")
+        if n in fault_at and sim.open_connections:
+            kind = kinds.pop(0)
+            await sim.wait_for(lambda: client.connection.is_connected, 10, "connected before a fault")
+            if kind == "drop":
+                await sim.drop()
+            elif kind == "close":
+                await sim.close(1011, "internal error (injected)")
+            else:
+                await sim.stall()
+        await asyncio.sleep(step * rng.uniform(0.5, 1.5))
+
+
+def _finished(sim: FacilitatorSimulator) -> int:
+    return sum(1 for statuses in sim.stored.values() if set(statuses) & {"completed", "failed"})
+
+
+def _result(
+    sim: FacilitatorSimulator, client: FacilitatorClient, events: list[SystemEvent], jobs: int, elapsed: float
+) -> DemoResult:
+    delivered = lost = reordered = completed = failed = 0
+    for statuses in sim.stored.values():
+        final = "failed" if "failed" in statuses else "completed"
+        expected = [*EXPECTED, final]
+        present = [s for s in statuses if s in expected]
+        delivered += len(present) - 1  # "sent" is the facilitator's own
+        lost += len(expected) - len(set(present))
+        reordered += present != [s for s in expected if s in present]
+        completed += final == "completed" and final in statuses
+        failed += final == "failed"
+    copies = Counter(
+        (r.parsed["uuid"], r.parsed["status"])
+        for r in sim.received
+        if r.parsed is not None and r.parsed.get("message_type") == "V0JobStatusUpdate"
+    )
+    duplicated = sum(n - 1 for n in copies.values())
+    disconnects: Counter[str] = Counter()
+    for event in events:
+        if event.type is EventType.DISCONNECTED:
+            disconnects[f"{event.data.get('close_code')} {event.data.get('close_reason') or ''}".strip()] += 1
+        elif event.type is EventType.AUTH_FAILED:
+            disconnects["auth refused: " + ", ".join(e["type"] for e in event.data.get("errors", []))] += 1
+    snapshot = client.metrics.snapshot()
+    downtime = snapshot["timings"].get("downtime", {})
+    return DemoResult(
+        jobs=jobs,
+        completed=completed,
+        failed=failed,
+        delivered=delivered,
+        lost=lost,
+        duplicated=duplicated,
+        reordered=reordered,
+        disconnects=disconnects,
+        downtime=downtime.get("mean", 0.0) * downtime.get("count", 0),
+        elapsed=elapsed,
+        throughput=delivered / elapsed if elapsed else 0.0,
+        cheat_reports=int(snapshot["counters"].get("cheat.reports", 0)),
+        malformed=int(snapshot["counters"].get("messages.malformed", 0)),
+    )
+
+
+class _LiveView:
+    """A few terminal lines redrawn in place: state, progress, outbox, reconnects."""
+
+    def __init__(self, client: FacilitatorClient, sim: FacilitatorSimulator, jobs: int, out: TextIO) -> None:
+        self._client, self._sim, self._jobs, self._out = client, sim, jobs, out
+        self._state = ConnectionState.DISCONNECTED
+        self._lines = 0
+        client.state.subscribe(self._on_state)
+
+    def _on_state(self, state: ConnectionState) -> None:
+        self._state = state
+
+    async def run(self) -> None:
+        while True:
+            self.draw()
+            await asyncio.sleep(0.1)
+
+    def draw(self) -> None:
+        width = max(20, min(50, shutil.get_terminal_size((80, 24)).columns - 40))
+        done = _finished(self._sim)
+        filled = int(width * done / max(1, self._jobs))
+        depth = self._client.messages.current_depth
+        counters = self._client.metrics.snapshot()["counters"]
+        colour = {"connected": "32", "connecting": "33", "authenticating": "33"}.get(self._state.value, "31")
+        lines = [
+            f"connection  \x1b[{colour}m{self._state.value:<15}\x1b[0m reconnects {int(counters.get('connect.successes', 1)) - 1}"
+            f"   disconnects {int(sum(v for k, v in counters.items() if k.startswith('disconnects.')))}",
+            f"jobs        [{'#' * filled}{'.' * (width - filled)}] {done}/{self._jobs}",
+            f"outbox      {depth.held + depth.wire:>6} queued   {depth.in_flight:>5} in flight"
+            f"   sent {int(counters.get('messages.sent.V0JobStatusUpdate', 0))}"
+            f"   acked {int(counters.get('acks.success', 0) + counters.get('acks.duplicate', 0))}",
+        ]
+        self.clear()
+        self._out.write("\n".join(lines) + "\n")
+        self._out.flush()
+        self._lines = len(lines)
+
+    def clear(self) -> None:
+        if self._lines:
+            self._out.write(f"\x1b[{self._lines}F\x1b[J")
+            self._lines = 0
+
+
+def print_summary(result: DemoResult, out: TextIO = sys.stdout) -> None:
+    rows = [
+        ("jobs", f"{result.jobs} requested, {result.completed} completed, {result.failed} failed (SIMULATE=fail)"),
+        ("statuses", f"{result.delivered} delivered, {result.lost} lost, {result.duplicated} duplicated "
+                     f"(resent after a drop, answered job.integrity_error), {result.reordered} jobs reordered"),
+        ("disconnects", ", ".join(f"{n}x {reason}" for reason, n in result.disconnects.most_common()) or "none"),
+        ("downtime", f"{result.downtime:.2f} s"),
+        ("throughput", f"{result.throughput:.1f} status updates/s over {result.elapsed:.1f} s"),
+        ("inbound", f"{result.cheat_reports} cheat reports, {result.malformed} malformed frames reported"),
+    ]
+    if result.recording is not None:
+        rows.append(("recording", f"{result.recording}  (python -m streams replay {result.recording})"))
+    width = max(len(name) for name, _ in rows)
+    out.write("\nfacilitator-streams demo — summary\n")
+    out.write(f"{'-' * (width + 2)}\n")
+    for name, value in rows:
+        out.write(f"{name:<{width}}  {value}\n")
+    out.write(("\nOK: nothing lost, nothing reordered.\n" if result.ok else "\nFAILED: see above.\n"))
+    out.flush()
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from streams.cli import CliError, run_until_signalled
+
+    if args.jobs < 1:
+        raise CliError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.duration <= 0 or args.step_delay < 0:
+        raise CliError("--duration must be > 0 and --step-delay >= 0")
+    record: Path = args.record or Path("recordings") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl"
+    if args.record is None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+    outcome: list[DemoResult] = []
+
+    async def main() -> None:
+        outcome.append(
+            await run_demo(
+                jobs=args.jobs, duration=args.duration, faults=args.faults, seed=args.seed,
+                step_delay=args.step_delay, record=record,
+            )
+        )
+
+    print(f"demo: {args.jobs} jobs, faults {'on' if args.faults else 'off'}, seed {args.seed}; Ctrl-C stops it")
+    await run_until_signalled(main)
+    if not outcome:
+        print("demo interrupted", file=sys.stderr)
+        return
+    print_summary(outcome[0])
+    if not outcome[0].ok:
+        raise CliError("the demo lost or reordered status updates")

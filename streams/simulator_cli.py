@@ -1,0 +1,54 @@
+"""``python -m streams simulate``: run the facilitator simulator until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from streams.simulator import FacilitatorSimulator, serve_forever
+
+
+def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]]:
+    parser = sub.add_parser("simulate", help="run a protocol-faithful facilitator simulator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--jobs", type=int, default=0, help="job requests for the first validator that connects")
+    parser.add_argument("--job-interval", type=float, default=0.0, help="seconds between job requests")
+    parser.add_argument("--allow", action="append", metavar="SS58", help="allowed validator hotkey (repeatable)")
+    parser.add_argument("--ack-delay", type=float, default=0.0, help="delay every Response by this many seconds")
+    parser.add_argument("--chaos-every", type=int, default=None, help="inject a random fault every ~N frames")
+    parser.add_argument("--seed", type=int, default=None)
+    return {"simulate": _simulate}
+
+
+async def _simulate(args: argparse.Namespace) -> None:
+    from streams.cli import CliError, run_until_signalled
+
+    if args.jobs < 0 or args.job_interval < 0 or args.ack_delay < 0:
+        raise CliError("--jobs, --job-interval and --ack-delay must be >= 0")
+    if not 0 <= args.port < 65536:
+        raise CliError(f"--port must be 0-65535, got {args.port}")
+
+    def ready(sim: FacilitatorSimulator) -> None:
+        print(f"facilitator simulator listening on {sim.url}", flush=True)
+
+    async def serve() -> None:
+        try:
+            await serve_forever(
+                args.host,
+                args.port,
+                args.jobs,
+                job_interval=args.job_interval,
+                allowed_hotkeys=args.allow,
+                ack_delay=args.ack_delay,
+                chaos_every=args.chaos_every,
+                seed=args.seed,
+                on_ready=ready,
+            )
+        except OSError as exc:
+            raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+
+    await run_until_signalled(serve)
+    print("simulator stopped", file=sys.stderr)
