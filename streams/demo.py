@@ -63,6 +63,7 @@ class DemoResult:
     cheat_reports: int = 0
     malformed: int = 0
     recording: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -220,6 +221,7 @@ def _result(
         throughput=delivered / elapsed if elapsed else 0.0,
         cheat_reports=int(snapshot["counters"].get("cheat.reports", 0)),
         malformed=int(snapshot["counters"].get("messages.malformed", 0)),
+        metrics=snapshot,
     )
 
 

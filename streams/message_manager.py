@@ -160,6 +160,7 @@ class MessageManager:
         self._acks: Subject[AckOutcome] = Subject()
         self._requeued: Subject[Requeued] = Subject()
         self._unexpected: Subject[Response] = Subject()
+        self._send_failed: Subject[Envelope] = Subject()
         self._depth: BehaviorSubject[Depth] = BehaviorSubject(Depth(0, 0, 0, 0))
 
     # -- observables for the monitor and hosts ----------------------------------------------
@@ -178,6 +179,11 @@ class MessageManager:
     @property
     def requeued(self) -> reactivex.Observable[Requeued]:
         return self._requeued
+
+    @property
+    def send_failures(self) -> reactivex.Observable[Envelope]:
+        """Envelopes whose write failed because the connection died under it (they are retried)."""
+        return self._send_failed
 
     @property
     def unexpected_responses(self) -> reactivex.Observable[Response]:
@@ -267,6 +273,7 @@ class MessageManager:
                 # The connection is dead; its reader will notice. Unacknowledged status updates come
                 # back through match_acks; anything else goes back to the front, in order.
                 self._broken_connection = connection_id
+                self._send_failed.on_next(envelope)
                 if not envelope.expects_ack and envelope.policy is not HoldPolicy.KEEP_LATEST:
                     envelope.sends -= 1
                     self._wire.appendleft(envelope)
@@ -292,7 +299,8 @@ class MessageManager:
     def close(self) -> None:
         """Dispose the pipeline and complete the observables."""
         self._subscriptions.dispose()
-        for subject in (self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._depth):
+        self._depth.on_completed()
+        for subject in (self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._send_failed):
             subject.on_completed()
 
     # -- internals ---------------------------------------------------------------------------------

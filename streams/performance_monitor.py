@@ -84,6 +84,7 @@ class PerformanceMonitor:
         add(messages.dropped.subscribe(self._on_dropped))
         add(messages.acks.subscribe(self._on_ack))
         add(messages.requeued.subscribe(self._on_requeued))
+        add(messages.send_failures.subscribe(lambda e: self.metrics.incr(f"messages.send_failed.{e.kind}")))
         add(messages.unexpected_responses.subscribe(self._on_unexpected))
         add(messages.depth.subscribe(self._on_depth))
         add(inbound.subscribe(self._on_inbound))
