@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--wallet-name")
     keys.add_argument("--wallet-hotkey")
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
-    run.add_argument("--dispatcher", default="simulated", help="`simulated` or MODULE:ATTR")
+    run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
     run.add_argument("--step-delay", type=float, default=0.5, help="simulated dispatcher: seconds per step")
     run.add_argument("--heartbeat-period", type=_positive, default=60.0)
     run.add_argument("--ping-interval", type=_positive, default=20.0)
@@ -104,7 +104,11 @@ def load_signer(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def load_dispatcher(spec: str, step_delay: float) -> Dispatcher:
+def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | None = None) -> Dispatcher:
+    if spec == "celery" and args is not None:
+        from streams.celery import dispatcher_from_args
+
+        return dispatcher_from_args(args)
     if spec == "simulated":
         if step_delay < 0:
             raise CliError(f"--step-delay must be >= 0, got {step_delay}")
@@ -186,7 +190,7 @@ async def _run(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     signer = load_signer(args)
-    dispatcher = load_dispatcher(args.dispatcher, args.step_delay)
+    dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
     transport = None
     recorder = None
     if args.record:

@@ -86,7 +86,9 @@ async def run_demo(
 
     rng = random.Random(seed)
     live = out.isatty() if live is None else live
-    async with FacilitatorSimulator(seed=seed) as sim:
+    # Responses come 30 ms late, as from a facilitator that writes each status to its database
+    # first: updates are in flight when a fault hits, and are resent after the reconnect.
+    async with FacilitatorSimulator(seed=seed, ack_delay=0.03) as sim:
         config = ClientConfig(
             url=sim.url,
             heartbeat_period=1.0,
@@ -163,20 +165,30 @@ async def _script(
         if n in (3, jobs // 2):
             await sim.send_cheat_report(sent[0])
         if n in (7, jobs - 3):
-            await sim.send_raw('{"message_type": "V2JobRequest", "uuid": 42}' if n == 7 else "{garbled")
+            await sim.wait_for(lambda: client.connection.is_connected, 10, "connected before garbage")
+            with contextlib.suppress(RuntimeError):  # the connection may just have died
+                await sim.send_raw('{"message_type": "V2JobRequest", "uuid": 42}' if n == 7 else "{garbled")
         if n in fault_at and sim.open_connections:
             kind = kinds.pop(0)
             await sim.wait_for(lambda: client.connection.is_connected, 10, "connected before a fault")
-            if kind == "drop":
-                await sim.drop()
-            elif kind == "close":
-                await sim.close(1011, "internal error (injected)")
-            else:
-                await sim.stall()
+            authenticated = sim.authenticated_connections
+            try:
+                if kind == "drop":
+                    await sim.drop()
+                elif kind == "close":
+                    await sim.close(1011, "internal error (injected)")
+                else:
+                    await sim.stall()
+            except RuntimeError:  # no open connection at this instant: skip this fault
+                continue
+            # A facilitator does not resend a job request it wrote into a dying connection, so the
+            # script waits for the client to come back before it sends the next one.
+            await sim.wait_for(lambda: sim.authenticated_connections > authenticated, 15, "reconnection")
         await asyncio.sleep(step * rng.uniform(0.5, 1.5))
 
 
 def _finished(sim: FacilitatorSimulator) -> int:
+    """Jobs whose final status the facilitator stored."""
     return sum(1 for statuses in sim.stored.values() if set(statuses) & {"completed", "failed"})
 
 

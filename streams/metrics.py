@@ -35,8 +35,10 @@ class Metrics:
         self._statsd_failed = False
         if statsd_host:
             try:
+                if not 0 < statsd_port < 65536:  # getaddrinfo would silently wrap it around
+                    raise ValueError(f"port {statsd_port} is out of range")
                 self._statsd = statsd.StatsClient(statsd_host, statsd_port, prefix=prefix)
-            except OSError as exc:
+            except Exception as exc:  # unresolvable (OSError), malformed name (UnicodeError), bad port
                 log.warning("statsd %s:%s unusable, metrics stay in memory: %s", statsd_host, statsd_port, exc)
 
     # -- recording ------------------------------------------------------------------------------

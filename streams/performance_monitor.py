@@ -7,6 +7,9 @@ DISCONNECTED event that says why: close code and reason, exception, lifetime, wh
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
+
 import reactivex
 from reactivex.disposable import CompositeDisposable
 
@@ -26,15 +29,18 @@ from streams.job_dispatcher import JobDispatcher, JobFailure
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.metrics import Metrics
 from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest
-from streams.safe_subject import SafeSubject
+from streams.safe_subject import SafeBehaviorSubject, SafeSubject
 from streams.transport import CloseInfo
 
 EXCERPT = 200
 
 
 def _excerpt(frame: str | bytes) -> str:
-    text = frame if isinstance(frame, str) else repr(frame[: EXCERPT * 2])
-    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}…(+{len(text) - EXCERPT} chars)"
+    """The start of a frame, and how much of it was left out (text) or how long it was (binary)."""
+    if isinstance(frame, str):
+        return frame if len(frame) <= EXCERPT else f"{frame[:EXCERPT]}…(+{len(frame) - EXCERPT} chars)"
+    text = repr(bytes(frame[:EXCERPT]))
+    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}…({len(frame)} bytes in all)"
 
 
 def _close_data(info: CloseInfo | None) -> dict[str, object]:
@@ -52,19 +58,50 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
 class PerformanceMonitor:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._events: SafeSubject[SystemEvent] = SafeSubject(
-            on_subscriber_error=lambda _exc: self.metrics.incr("events.subscriber_errors")
-        )
+        self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self._subscriber_failed("events"))
         self._subscriptions = CompositeDisposable()
         self._depth = Depth(0, 0, 0, 0)
         self._active_jobs = 0
+        self._emitting = 0
+        self._failed_subscribers: set[tuple[str, str]] = set()
+        self._pending: deque[SystemEvent] = deque()
 
     @property
     def events(self) -> reactivex.Observable[SystemEvent]:
         return self._events
 
     def emit(self, type_: EventType, subtype: str, description: str, **data: object) -> None:
-        self._events.on_next(SystemEvent(type_, subtype, description, dict(data)))
+        self._pending.append(SystemEvent(type_, subtype, description, dict(data)))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Deliver queued events one at a time, so every subscriber sees them in the same order."""
+        if self._emitting:
+            return  # an event is being delivered: the queued ones follow it
+        self._emitting += 1
+        try:
+            while self._pending:
+                self._events.on_next(self._pending.popleft())
+        finally:
+            self._emitting -= 1
+
+    def _subscriber_failed(self, stream: str) -> Callable[[BaseException], None]:
+        """A host subscriber raised: count it always; one SUBSCRIBER_FAILED per stream and exception type."""
+
+        def report(exc: BaseException) -> None:
+            self.metrics.incr(f"{stream}.subscriber_errors")
+            key = (stream, type(exc).__name__)
+            if key in self._failed_subscribers:
+                return
+            self._failed_subscribers.add(key)
+            self.emit(
+                EventType.SUBSCRIBER_FAILED, stream,
+                f"a subscriber of client.{stream} raised {type(exc).__name__}: {exc} "
+                f"(further {type(exc).__name__}s only count in {stream}.subscriber_errors)",
+                stream=stream, exception=type(exc).__name__, message=str(exc)[:500],
+            )
+
+        return report
 
     # -- wiring ---------------------------------------------------------------------------------
     def watch(
@@ -77,6 +114,9 @@ class PerformanceMonitor:
         cheats: CheatReportHandler,
         cheat_reports: reactivex.Observable[V0JobCheated],
     ) -> None:
+        state = connection.state
+        if isinstance(state, SafeBehaviorSubject) and state.on_subscriber_error is None:
+            state.on_subscriber_error = self._subscriber_failed("state")
         add = self._subscriptions.add
         add(connection.changes.subscribe(self._on_change))
         add(connection.state.subscribe(self._on_state))
@@ -175,7 +215,7 @@ class PerformanceMonitor:
             for error_type in ack.response.error_types or ("unknown",):
                 m.incr(f"acks.error.{error_type}")
             self.emit(
-                EventType.ERROR_RESPONSE, ",".join(ack.response.error_types),
+                EventType.ERROR_RESPONSE, ",".join(ack.response.error_types) or "unknown",
                 f"facilitator refused {ack.envelope.status} for job {ack.envelope.job_uuid}: {ack.response.describe()}",
                 job_uuid=ack.envelope.job_uuid, status=ack.envelope.status,
                 errors=[e.model_dump() for e in ack.response.errors],

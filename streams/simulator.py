@@ -801,7 +801,8 @@ class FacilitatorSimulator:
             if other is not conn and other.stalled and other.record.hotkey == ss58_address:
                 self._kill(other)  # the validator has moved on from its stalled connection
         self._notify()
-        if not await self._respond(conn, SUCCESS):
+        # Not delayed by ack_delay: the auth answer comes before anything else on the connection.
+        if not await self._send(conn, SUCCESS):
             return False
         while self._outbox:
             if not await self._send(conn, self._outbox.popleft()):

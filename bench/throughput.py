@@ -1,0 +1,112 @@
+"""Throughput: N status updates through the full client vs a plain websockets client, same frames.
+
+Both sides run in this process against a fresh ``bench.simserver`` process each, authenticate
+first, then time from the first update handed over (client: reported via ``statuses.open(job)``;
+baseline: the first ``ws.send``) to the last Response read. The baseline pipelines with the same
+in-flight window as the client (``max_in_flight``): a sender task and a reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+from bench.common import (
+    ALICE,
+    Counter,
+    SimProcess,
+    bench_config,
+    enqueue,
+    frames_of,
+    until_connected,
+    workload,
+)
+from streams import FacilitatorClient, SimulatedDispatcher
+from streams.protocol import V0AuthenticationRequest, encode
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    side: str
+    count: int
+    seconds: float
+    cpu_seconds: float
+    """CPU time of this process (the simulator runs in another one)."""
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def cpu_us_per_msg(self) -> float:
+        return self.cpu_seconds / self.count * 1e6
+
+
+async def baseline_run(count: int, window: int) -> Run:
+    frames = frames_of(workload(count))
+    async with SimProcess("--accept-unknown-jobs") as sim:
+        async with connect(sim.url, max_size=50 * 2**20) as ws:
+            await ws.send(encode(V0AuthenticationRequest.from_signer(ALICE)))
+            reply = await ws.recv()
+            assert '"success"' in str(reply), reply
+            slots = asyncio.Semaphore(window)
+
+            async def sender() -> None:
+                for frame in frames:
+                    await slots.acquire()
+                    await ws.send(frame)
+
+            async def reader() -> None:
+                for _ in range(count):
+                    response = await ws.recv()
+                    if '"success"' not in str(response):
+                        raise AssertionError(f"baseline got an error Response: {response!r}")
+                    slots.release()
+
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            async with asyncio.timeout(120):
+                await asyncio.gather(sender(), reader())
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        stats = await sim.command("stats")
+    assert stats["stored"] == count, stats
+    return Run("baseline", count, seconds, cpu)
+
+
+async def client_run(count: int, **config: Any) -> Run:
+    updates = workload(count)
+    async with SimProcess("--accept-unknown-jobs") as sim:
+        client = FacilitatorClient(
+            bench_config(sim.url, **config), signer=ALICE, dispatcher=SimulatedDispatcher(0)
+        )
+        task = asyncio.create_task(client.start(), name="bench-client")
+        try:
+            await until_connected(client)
+            acks = Counter()
+            client.messages.acks.subscribe(acks)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            enqueue(client, updates)
+            await acks.reached(count, timeout=120)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            counters = client.metrics.snapshot()["counters"]
+            assert counters.get("acks.success") == count, counters
+        finally:
+            await client.stop()
+            await task
+        stats = await sim.command("stats")
+    assert stats["stored"] == count, stats
+    return Run("client", count, seconds, cpu)
+
+
+async def compare(count: int, rounds: int) -> tuple[list[Run], list[Run]]:
+    """Alternate baseline and client runs, ``rounds`` of each (alternating evens out machine noise)."""
+    window = bench_config("ws://127.0.0.1:1/").max_in_flight
+    baselines: list[Run] = []
+    clients: list[Run] = []
+    for _ in range(rounds):
+        baselines.append(await baseline_run(count, window))
+        clients.append(await client_run(count))
+    return baselines, clients

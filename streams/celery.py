@@ -1,0 +1,815 @@
+"""Celery dispatch (phase 2): jobs run on worker hosts, their statuses come back through a Redis Stream.
+
+    validator host                                                       worker hosts
+    facilitator ─► client ─► CeleryDispatcher.handle ─► send_task(name, [raw job], queue) ─► Celery worker
+       ▲                                                                                        │ report()
+       └── outbox ◄─ statuses.report ◄─ XREADGROUP (consumer group) ◄── Redis Stream ◄── XADD ──┘
+                        acks ─► XACK (+ XDEL) once the facilitator answered the update
+
+Why a stream read through a consumer group: an entry stays in the consumer's pending list until it
+is XACKed, and it is XACKed only after the facilitator answered the status update it became. A
+client that crashes and restarts (same consumer name) reads its pending entries first, in stream
+order, so nothing is lost and each job's statuses keep their order (the stream is one FIFO and the
+client's outbox is another). A resent update the facilitator already stored is answered
+``job.integrity_error``, which counts as acknowledged.
+
+Redis being unavailable is never fatal: every failed read, XACK or publish is logged, emitted on
+``CeleryDispatcher.failures`` and retried with full-jitter backoff.
+
+celery and redis are optional (the ``celery`` extra): they are imported where used, so this module
+(and the CLI that registers its commands) imports without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import reactivex
+from reactivex.abc import DisposableBase
+
+from operators import Backoff
+from streams.job_status_update_manager import JobStatusUpdateManager, Metadata, Report
+from streams.message_manager import AckOutcome
+from streams.protocol import JobStatus, JobStatusMetadata, JobStatusUpdate, V2JobRequest
+from streams.safe_subject import SafeSubject
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_QUEUE",
+    "GROUP",
+    "STREAM_KEY",
+    "TASK_NAME",
+    "CeleryDispatcher",
+    "DispatcherFailure",
+    "StatusReporter",
+    "decode_entry",
+    "dispatcher_from_args",
+    "encode_entry",
+    "make_celery_app",
+    "play_lifecycle",
+    "register_cli",
+    "report",
+    "reporter_for",
+    "worker_command",
+]
+
+TASK_NAME = "facilitator_streams.run_job"
+STREAM_KEY = "facilitator-streams:statuses"
+GROUP = "facilitator-client"
+DEFAULT_QUEUE = "facilitator-jobs"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+ENV_BROKER = "FACILITATOR_STREAMS_BROKER"
+ENV_QUEUE = "FACILITATOR_STREAMS_QUEUE"
+ENV_STREAM_KEY = "FACILITATOR_STREAMS_STREAM_KEY"
+ENV_STEP_DELAY = "FACILITATOR_STREAMS_STEP_DELAY"
+
+LIFECYCLE = (JobStatus.ACCEPTED, JobStatus.EXECUTOR_READY, JobStatus.VOLUMES_READY, JobStatus.EXECUTION_DONE)
+"""In-progress statuses the sample task plays before its final one."""
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class DispatcherFailure(Exception):
+    """What ``CeleryDispatcher.failures`` emits: an operation that failed and is being retried.
+
+    ``operation`` is ``read`` (the status stream), ``ack`` (XACK), ``publish`` (a job to Celery) or
+    ``entry`` (a malformed stream entry, dropped: ``retry_in`` is None then).
+    """
+
+    def __init__(self, operation: str, error: BaseException, attempt: int, retry_in: float | None) -> None:
+        self.operation = operation
+        self.error = error
+        self.attempt = attempt
+        self.retry_in = retry_in
+        super().__init__(f"{operation}: {type(error).__name__}: {error}")
+
+
+# --------------------------------------------------------------------------- the stream entry format
+
+
+def encode_entry(job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> dict[str, str]:
+    """Validate a status update (as the client will) and turn it into stream entry fields.
+
+    Validating here, on the worker, keeps a bad update out of the stream: the task fails instead.
+    """
+    update = JobStatusUpdate(uuid=job_uuid, status=JobStatus(status), metadata=_as_metadata(metadata))
+    if update.metadata is None:
+        encoded = b"null"
+    elif isinstance(metadata, JobStatusMetadata) or metadata is None:
+        encoded = orjson.dumps(update.metadata.model_dump(mode="json", exclude_none=True))
+    else:
+        encoded = orjson.dumps(dict(metadata))  # the host's own object, as it gave it
+    return {"job_uuid": job_uuid, "status": update.status.value, "metadata": encoded.decode()}
+
+
+def decode_entry(fields: Mapping[str, str]) -> JobStatusUpdate:
+    """Stream entry fields back into a JobStatusUpdate; ValueError if they do not make one."""
+    try:
+        job_uuid, status, metadata = fields["job_uuid"], fields["status"], fields.get("metadata", "null")
+        parsed = orjson.loads(metadata) if metadata else None
+        return JobStatusUpdate(uuid=job_uuid, status=JobStatus(status), metadata=_as_metadata(parsed))
+    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        raise ValueError(f"not a status entry ({type(exc).__name__}: {exc})"[:500]) from None
+
+
+def _as_metadata(metadata: Any) -> JobStatusMetadata | None:
+    if metadata is None or isinstance(metadata, JobStatusMetadata):
+        return metadata
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping or None, got {type(metadata).__name__}")
+    return JobStatusMetadata.model_validate(dict(metadata))
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class StatusReporter:
+    """Worker side: ``report(job_uuid, status, metadata)`` appends to the status stream (XADD).
+
+    Redis unavailable: the XADD is retried with backoff for up to ``retry_for`` seconds, so a Redis
+    restart delays a job's statuses instead of losing them. A retried XADD whose first try did land
+    adds a duplicate entry; the facilitator answers it ``job.integrity_error`` (harmless).
+    Thread-safe (one client, one connection pool), for Celery's thread pool.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        stream_key: str = STREAM_KEY,
+        *,
+        retry_for: float = 300.0,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 2.0,
+    ) -> None:
+        _check_redis_url(redis_url)
+        self.redis_url = redis_url
+        self.stream_key = stream_key
+        self.retry_for = retry_for
+        self._backoff = (backoff_base, backoff_cap)
+        self._client: redis.Redis | None = None
+        self._lock = threading.Lock()
+
+    def _redis(self) -> redis.Redis:
+        with self._lock:
+            if self._client is None:
+                import redis
+                from redis.backoff import NoBackoff
+                from redis.retry import Retry
+
+                self._client = redis.Redis.from_url(
+                    self.redis_url,
+                    socket_connect_timeout=2.0,
+                    socket_timeout=10.0,
+                    retry=Retry(NoBackoff(), 0),  # we retry, and say so
+                )
+            return self._client
+
+    def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> str:
+        """Append one status update to the stream; returns the entry id."""
+        import redis
+
+        fields = encode_entry(job_uuid, status, metadata)
+        backoff = Backoff(*self._backoff, stable_after=0.0)
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                entry_id = self._redis().xadd(self.stream_key, fields)  # type: ignore[arg-type]
+                return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "redis unavailable at %s: status %s of job %s not appended yet (%s: %s); retry %d in %.2f s",
+                    _redact(self.redis_url), fields["status"], job_uuid, type(exc).__name__, exc,
+                    backoff.attempt, delay,
+                )
+                time.sleep(delay)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class _Reporting(Protocol):
+    def __call__(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> object: ...
+
+
+def play_lifecycle(
+    raw_job: Mapping[str, Any],
+    report: _Reporting,
+    step_delay: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> JobStatus:
+    """The sample job: accepted … execution_done, then completed (``env SIMULATE=fail``: failed)."""
+    job_uuid = str(raw_job["uuid"])
+    for status in LIFECYCLE:
+        sleep(step_delay)
+        report(job_uuid, status)
+    sleep(step_delay)
+    env = raw_job.get("env") or {}
+    if isinstance(env, Mapping) and env.get("SIMULATE") == "fail":
+        report(
+            job_uuid,
+            JobStatus.FAILED,
+            {"job_failure_details": {"reason": "nonzero_exit_code", "stage": "execution",
+                                     "message": "simulated failure (env SIMULATE=fail)",
+                                     "docker_process_exit_status": 1}},
+        )
+        return JobStatus.FAILED
+    report(
+        job_uuid,
+        JobStatus.COMPLETED,
+        {"miner_response": {"docker_process_stdout": f"simulated {job_uuid}", "docker_process_stderr": ""}},
+    )
+    return JobStatus.COMPLETED
+
+
+_reporters_lock = threading.Lock()
+
+
+def reporter_for(app: Any) -> StatusReporter:
+    """The StatusReporter of a Celery app (made once per app, from its ``facilitator_streams_*`` settings)."""
+    reporter = getattr(app, "_facilitator_streams_reporter", None)
+    if reporter is None:
+        with _reporters_lock:
+            reporter = getattr(app, "_facilitator_streams_reporter", None)
+            if reporter is None:
+                conf = app.conf
+                reporter = StatusReporter(
+                    conf.get("facilitator_streams_redis_url") or conf.broker_url,
+                    conf.get("facilitator_streams_stream_key") or STREAM_KEY,
+                )
+                app._facilitator_streams_reporter = reporter
+    assert isinstance(reporter, StatusReporter)
+    return reporter
+
+
+def report(job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> str:
+    """From inside a Celery task: report a job's status to the validator's client (XADD to the stream)."""
+    from celery import current_app
+
+    return reporter_for(current_app).report(job_uuid, status, metadata)
+
+
+def make_celery_app(
+    broker_url: str = DEFAULT_BROKER,
+    queue: str = DEFAULT_QUEUE,
+    *,
+    stream_key: str = STREAM_KEY,
+    step_delay: float = 0.5,
+    redis_url: str | None = None,
+    task_name: str = TASK_NAME,
+) -> Any:
+    """A Celery app for both sides: the validator publishes with it, workers run its sample task.
+
+    ``redis_url`` is where the status stream lives (default: the broker). Tasks are acknowledged
+    late, one prefetched per slot, so a worker that dies mid-job leaves the job to be redelivered.
+    """
+    from celery import Celery
+
+    if not queue:
+        raise ValueError("queue must be a non-empty name")
+    if step_delay < 0:
+        raise ValueError(f"step_delay must be >= 0, got {step_delay!r}")
+    _check_redis_url(redis_url or broker_url)
+    app = Celery("facilitator_streams", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        task_routes={task_name: {"queue": queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2.0,
+        # A publish must not hang on a dead connection: it runs in a thread the client waits for.
+        broker_transport_options={"socket_connect_timeout": 2.0, "socket_timeout": 10.0},
+        worker_hijack_root_logger=False,
+        facilitator_streams_stream_key=stream_key,
+        facilitator_streams_step_delay=step_delay,
+        facilitator_streams_redis_url=redis_url or broker_url,
+    )
+
+    def run_job(raw_job: dict[str, Any]) -> str:
+        """The sample task: plays a job's lifecycle, reporting each status to the stream."""
+        final = play_lifecycle(raw_job, reporter_for(app).report, float(app.conf.facilitator_streams_step_delay))
+        return final.value
+
+    app.task(name=task_name, acks_late=True)(run_job)
+    return app
+
+
+# --------------------------------------------------------------------------- validator side
+
+
+class CeleryDispatcher:
+    """Submits each job to a Celery queue and feeds the workers' statuses back into the client.
+
+    ``handle(job, report)`` publishes the untouched raw job (``send_task(task_name, args=[raw])``)
+    from a thread, never blocking the loop, retrying while the broker is unavailable. ``start()``
+    runs one owned task reading the status stream; ``stop()`` ends it. The client calls ``bind()``,
+    ``start()`` and ``stop()`` itself.
+
+    ``consumer`` names this client in the consumer group. It must be the same across restarts (a
+    restarted client reads what its predecessor read but never acknowledged) and unique among
+    clients running at once: the default is the host name. Entries pending for another consumer for
+    ``claim_idle`` seconds (a client that is gone) are taken over at start.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        queue: str = DEFAULT_QUEUE,
+        *,
+        task_name: str = TASK_NAME,
+        stream_key: str = STREAM_KEY,
+        group: str = GROUP,
+        consumer: str | None = None,
+        redis_url: str | None = None,
+        block_ms: int = 1000,
+        batch: int = 100,
+        max_unacked: int = 10_000,
+        claim_idle: float | None = 60.0,
+        delete_acked: bool = True,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+        publish_threads: int = 4,
+        app: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not queue:
+            raise ValueError("queue must be a non-empty name")
+        if block_ms <= 0 or batch <= 0 or max_unacked <= 0 or publish_threads <= 0:
+            raise ValueError("block_ms, batch, max_unacked and publish_threads must be > 0")
+        self.redis_url = redis_url or broker_url
+        _check_redis_url(self.redis_url)
+        self.broker_url = broker_url
+        self.queue = queue
+        self.task_name = task_name
+        self.stream_key = stream_key
+        self.group = group
+        self.consumer = consumer or socket.gethostname()
+        self.block_ms = block_ms
+        self.batch = batch
+        self.max_unacked = max_unacked
+        self.claim_idle = claim_idle
+        self.delete_acked = delete_acked
+        self._backoff_args = (backoff_base, backoff_cap)
+        self._rng = rng or random.Random()
+        self._owns_app = app is None
+        self._app = app if app is not None else make_celery_app(
+            broker_url, queue, stream_key=stream_key, redis_url=redis_url, task_name=task_name
+        )
+        self._executor = ThreadPoolExecutor(publish_threads, thread_name_prefix="celery-publish")
+
+        self._statuses: JobStatusUpdateManager | None = None
+        self._acks_subscription: DisposableBase | None = None
+        self._redis: redis.asyncio.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failures: SafeSubject[DispatcherFailure] = SafeSubject()
+        self._stopped = False
+
+        self._inflight: dict[str, tuple[str, str]] = {}
+        """Entry id -> (job uuid, status): handed to the outbox, not yet XACKed."""
+        self._by_key: dict[tuple[str, str], deque[str]] = {}
+        """(job uuid, status) -> entry ids awaiting the facilitator's answer, in report order."""
+        self._to_ack: list[str] = []
+        self._ack_wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self.delivered = 0
+        """Entries reported to the client (redelivered ones included)."""
+        self.recovered = 0
+        """Entries read from the pending list at (re)start: read before, never acknowledged."""
+        self.acknowledged = 0
+        self.malformed = 0
+        self.published = 0
+
+    # -- the Dispatcher protocol ---------------------------------------------------------------
+    @property
+    def failures(self) -> reactivex.Observable[DispatcherFailure]:
+        """Every failed (and retried) Redis/broker operation and every dropped malformed entry."""
+        return self._failures
+
+    @property
+    def app(self) -> Any:
+        return self._app
+
+    @property
+    def pending(self) -> int:
+        """Stream entries handed to the client and not yet XACKed."""
+        return len(self._inflight)
+
+    def bind(self, statuses: JobStatusUpdateManager, acks: reactivex.Observable[AckOutcome]) -> None:
+        if self._statuses is not None:
+            raise RuntimeError("CeleryDispatcher.bind() was already called: one dispatcher serves one client")
+        self._statuses = statuses
+        self._acks_subscription = acks.subscribe(self._on_ack)
+
+    async def handle(self, job: V2JobRequest, report: Report) -> None:
+        """Publish the job; while the broker is unavailable, retry (the job is not lost)."""
+        loop = asyncio.get_running_loop()
+        backoff = self._new_backoff()
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, self._publish, job.raw)
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise  # the client reports horde_failed for this job
+                delay = backoff.next_delay()
+                self._fail("publish", exc, backoff.attempt, delay, f"job {job.uuid} not queued yet")
+                await asyncio.sleep(delay)
+                continue
+            self.published += 1
+            if backoff.attempt:
+                log.warning("job %s queued on %s after %d failed attempts", job.uuid, self.queue, backoff.attempt)
+            return
+
+    def _publish(self, raw: dict[str, Any]) -> None:
+        self._app.send_task(self.task_name, args=[raw], queue=self.queue, retry=False)
+
+    async def start(self) -> None:
+        if self._statuses is None:
+            raise RuntimeError("CeleryDispatcher.start() needs bind(statuses, acks) first (the client calls it)")
+        if self._task is not None or self._stopped:
+            raise RuntimeError("CeleryDispatcher.start() can be called once")
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._redis = redis.asyncio.Redis.from_url(
+            self.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_timeout=self.block_ms / 1000 + 10.0,  # a blocking XREADGROUP must not time out
+            retry=Retry(NoBackoff(), 0),  # we retry, and say so
+        )
+        self._task = asyncio.create_task(self._run(), name="celery-status-stream")
+
+    async def stop(self) -> None:
+        """Cancel the stream task, close connections. Unacknowledged entries stay pending in Redis."""
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+            except Exception:
+                log.exception("the status stream task failed")
+        if self._acks_subscription is not None:
+            self._acks_subscription.dispose()
+            self._acks_subscription = None
+        if self._redis is not None:
+            client, self._redis = self._redis, None
+            try:
+                await client.aclose()
+            except Exception as exc:  # closing a broken connection may raise; nothing is lost
+                log.debug("closing the redis client: %s", exc)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_app:
+            await asyncio.to_thread(self._app.close)  # closes the broker connection pool
+        self._failures.on_completed()
+
+    # -- the status stream ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._read_loop(), name="celery-status-reader")
+            group.create_task(self._ack_loop(), name="celery-status-acker")
+
+    async def _read_loop(self) -> None:
+        backoff = self._new_backoff()
+        recover = True
+        while True:
+            try:
+                if recover:
+                    await self._ensure_group()
+                    await self._recover_pending()
+                    recover = False
+                    if backoff.attempt:
+                        log.warning(
+                            "redis reachable again at %s: reading the status stream %s (after %d failed attempts)",
+                            _redact(self.redis_url), self.stream_key, backoff.attempt,
+                        )
+                        backoff.reset()
+                await self._room.wait()
+                reply = await self._client.xreadgroup(
+                    self.group, self.consumer, {self.stream_key: ">"}, count=self.batch, block=self.block_ms
+                )
+                self._deliver(_entries(reply))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # After any failure, read the pending list again: a reply lost with the connection
+                # left entries pending that were never reported (the ones that were are skipped).
+                recover = True
+                delay = backoff.next_delay()
+                self._fail("read", exc, backoff.attempt, delay, f"reading the status stream {self.stream_key}")
+                await asyncio.sleep(delay)
+
+    async def _ensure_group(self) -> None:
+        """Create the group at the start of the stream (a Redis restart without persistence loses it)."""
+        import redis.exceptions
+
+        try:
+            await self._client.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _recover_pending(self) -> None:
+        """Report what this consumer read but never acknowledged (a crashed predecessor), in order."""
+        if self.claim_idle is not None:
+            start = "0-0"
+            while True:
+                claim: list[Any] = await self._client.xautoclaim(
+                    self.stream_key, self.group, self.consumer, int(self.claim_idle * 1000),
+                    start_id=start, count=self.batch, justid=True,
+                )
+                claimed = list(claim[1]) if len(claim) > 1 else []
+                if claimed:
+                    log.warning("took over %d status entries left pending by another consumer", len(claimed))
+                start = str(claim[0])
+                if start in ("0-0", "0"):
+                    break
+        last = "0"
+        while True:
+            await self._room.wait()
+            reply = await self._client.xreadgroup(
+                self.group, self.consumer, {self.stream_key: last}, count=self.batch
+            )
+            entries = _entries(reply)
+            if not entries:
+                return
+            self.recovered += sum(1 for entry_id, _ in entries if entry_id not in self._inflight)
+            self._deliver(entries)
+            last = entries[-1][0]
+
+    def _deliver(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
+        statuses = self._statuses
+        assert statuses is not None
+        for entry_id, fields in entries:
+            if entry_id in self._inflight:
+                continue  # already with the client (read again while recovering from a Redis error)
+            if not fields:  # deleted while pending: nothing to report
+                self._queue_ack(entry_id)
+                continue
+            try:
+                update = decode_entry(fields)
+            except ValueError as exc:
+                self.malformed += 1
+                log.error("status stream entry %s dropped: %s; fields %r", entry_id, exc, dict(fields))
+                self._failures.on_next(DispatcherFailure("entry", exc, 1, None))
+                self._queue_ack(entry_id)
+                continue
+            key = (update.uuid, update.status.value)
+            self._inflight[entry_id] = key
+            self._by_key.setdefault(key, deque()).append(entry_id)
+            statuses.open(update.uuid)  # re-opens a job whose stream ended (redelivery after a restart)
+            statuses.report(update.uuid, update.status, update.metadata)
+            self.delivered += 1
+            if update.status.is_final:
+                self._finished[update.uuid] = None
+                if len(self._finished) > 10_000:
+                    self._finished.popitem(last=False)
+            elif update.uuid in self._finished:
+                statuses.stop_listener(update.uuid)  # a duplicate after the final status: do not leak the stream
+        self._update_room()
+
+    def _on_ack(self, outcome: AckOutcome) -> None:
+        """Any answer (success, duplicate, error) means the facilitator will not need it again."""
+        try:
+            envelope = outcome.envelope
+            if envelope.job_uuid is None or envelope.status is None:
+                return
+            key = (envelope.job_uuid, envelope.status)
+            ids = self._by_key.get(key)
+            if not ids:
+                return  # an update the client reported itself (received, horde_failed)
+            entry_id = ids.popleft()
+            if not ids:
+                del self._by_key[key]
+            self._queue_ack(entry_id)
+        except Exception:
+            log.exception("matching an acknowledgement to its stream entry failed")
+
+    def _queue_ack(self, entry_id: str) -> None:
+        self._to_ack.append(entry_id)
+        self._ack_wake.set()
+
+    async def _ack_loop(self) -> None:
+        backoff = self._new_backoff()
+        while True:
+            await self._ack_wake.wait()
+            ids = self._to_ack[: self.batch]
+            if not ids:
+                self._ack_wake.clear()
+                continue
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.xack(self.stream_key, self.group, *ids)
+                    if self.delete_acked:
+                        pipe.xdel(self.stream_key, *ids)  # the stream only holds what is not yet delivered
+                    await pipe.execute()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = backoff.next_delay()
+                self._fail("ack", exc, backoff.attempt, delay, f"{len(self._to_ack)} acknowledgements waiting")
+                await asyncio.sleep(delay)
+                continue
+            if backoff.attempt:
+                log.warning("redis reachable again at %s: acknowledgements resumed", _redact(self.redis_url))
+                backoff.reset()
+            del self._to_ack[: len(ids)]
+            for entry_id in ids:
+                self._inflight.pop(entry_id, None)
+            self.acknowledged += len(ids)
+            self._update_room()
+
+    def _update_room(self) -> None:
+        if len(self._inflight) < self.max_unacked:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def _client(self) -> redis.asyncio.Redis:
+        if self._redis is None:
+            raise RuntimeError("the status stream is not running")
+        return self._redis
+
+    def _new_backoff(self) -> Backoff:
+        return Backoff(*self._backoff_args, stable_after=0.0, rng=self._rng)
+
+    def _fail(self, operation: str, exc: BaseException, attempt: int, delay: float, what: str) -> None:
+        where = _redact(self.broker_url if operation == "publish" else self.redis_url)
+        unavailable = "broker unavailable" if operation == "publish" else "redis unavailable"
+        if not _is_connection_error(exc):
+            unavailable = f"{operation} failed"
+        log.warning(
+            "%s at %s (%s): %s: %s; retry %d in %.2f s", unavailable, where, what, type(exc).__name__, exc,
+            attempt, delay,
+        )
+        self._failures.on_next(DispatcherFailure(operation, exc, attempt, delay))
+
+
+def _entries(reply: Any) -> list[tuple[str, dict[str, str] | None]]:
+    """XREADGROUP's reply (RESP2 list or RESP3 dict) for one stream, as (entry id, fields) pairs."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
+    entries: list[tuple[str, dict[str, str] | None]] = []
+    for stream in streams:
+        for entry in stream:
+            entries.append((str(entry[0]), entry[1]))
+    return entries
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Errors that mean "Redis / the broker is not reachable right now": retried, never fatal."""
+    from kombu.exceptions import OperationalError
+    from redis import exceptions
+
+    if isinstance(exc, exceptions.ResponseError):
+        return "NOGROUP" in str(exc) or "LOADING" in str(exc)  # restarted without the group / still loading
+    redis_down = exceptions.ConnectionError | exceptions.TimeoutError
+    return isinstance(exc, OSError | TimeoutError | OperationalError | redis_down)
+
+
+def _check_redis_url(url: str) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme not in _REDIS_SCHEMES:
+        raise ValueError(f"the status stream needs a Redis URL (redis://HOST:PORT/DB), got {_redact(url)!r}")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+# --------------------------------------------------------------------------- CLI
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
+
+
+def register_cli(sub: Any) -> dict[str, Command]:
+    """Adds ``worker`` and, to ``run``, the flags of ``--dispatcher celery``."""
+    run = sub.choices.get("run")
+    if run is not None:
+        group = run.add_argument_group("--dispatcher celery (jobs run on Celery workers)")
+        group.add_argument("--broker", metavar="URL", help="Redis broker, e.g. redis://127.0.0.1:6379/0")
+        group.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue (default {DEFAULT_QUEUE})")
+        group.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream of the workers' statuses")
+        group.add_argument("--group", default=GROUP, help="consumer group reading the stream")
+        group.add_argument("--consumer", default=None,
+                           help="this client's name in the group: stable across restarts (default: host name)")
+
+    worker = sub.add_parser("worker", help="run a Celery worker that plays the sample job lifecycle")
+    worker.add_argument("--broker", required=True, metavar="URL", help="Redis broker, e.g. redis://HOST:6379/0")
+    worker.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue to consume (default {DEFAULT_QUEUE})")
+    worker.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream the statuses go to")
+    worker.add_argument("--step-delay", type=float, default=0.5, help="seconds per lifecycle step (default 0.5)")
+    worker.add_argument("--concurrency", type=int, default=8, help="jobs run at once (default 8)")
+    worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"],
+                        help="Celery worker pool (default threads: the sample job only sleeps)")
+    return {"worker": _worker}
+
+
+def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
+    """The CeleryDispatcher of ``run --dispatcher celery --broker URL --queue NAME``."""
+    from streams.cli import CliError
+
+    broker = getattr(args, "broker", None)
+    if not broker:
+        raise CliError("--dispatcher celery needs --broker URL (e.g. redis://127.0.0.1:6379/0)")
+    try:
+        return CeleryDispatcher(
+            broker, args.queue, stream_key=args.stream_key, group=args.group, consumer=args.consumer
+        )
+    except ImportError as exc:
+        raise CliError(f"--dispatcher celery needs the celery extra (pip install 'facilitator-streams[celery]'): "
+                       f"{exc}") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def worker_command(
+    broker: str,
+    queue: str,
+    *,
+    step_delay: float = 0.5,
+    concurrency: int = 8,
+    pool: str = "threads",
+    stream_key: str = STREAM_KEY,
+    log_level: str = "WARNING",
+) -> tuple[list[str], dict[str, str]]:
+    """The plain ``celery ... worker`` command (argv, extra environment) that ``worker`` runs."""
+    argv = [
+        sys.executable, "-m", "celery", "-A", "streams.celery_worker", "worker",
+        "--queues", queue, "--pool", pool, "--concurrency", str(concurrency), "--loglevel", log_level,
+        "--hostname", f"facilitator-streams-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
+    ]
+    env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay)}
+    return argv, env
+
+
+async def _worker(args: argparse.Namespace) -> None:
+    """Replace this process with the Celery worker: Celery then owns signals (SIGTERM: warm shutdown)."""
+    from streams.cli import CliError
+
+    if args.step_delay < 0:
+        raise CliError(f"--step-delay must be >= 0, got {args.step_delay}")
+    if args.concurrency < 1:
+        raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
+    try:
+        _check_redis_url(args.broker)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        import celery  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError as exc:
+        raise CliError(
+            f"the worker needs the celery extra (pip install 'facilitator-streams[celery]'): {exc}"
+        ) from None
+    argv, env = worker_command(
+        args.broker, args.queue, step_delay=args.step_delay, concurrency=args.concurrency, pool=args.pool,
+        stream_key=args.stream_key, log_level=args.log_level,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, {**os.environ, **env})

@@ -1,0 +1,30 @@
+"""The Celery app a worker host runs: ``celery -A streams.celery_worker worker --queues NAME``.
+
+Configured from the environment, because ``celery -A`` imports a module and takes its ``app``:
+``FACILITATOR_STREAMS_BROKER`` (default redis://127.0.0.1:6379/0), ``FACILITATOR_STREAMS_QUEUE``,
+``FACILITATOR_STREAMS_STREAM_KEY`` and ``FACILITATOR_STREAMS_STEP_DELAY`` (seconds per lifecycle
+step of the sample task). ``python -m streams worker`` sets these and runs exactly this.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from streams.celery import (
+    DEFAULT_BROKER,
+    DEFAULT_QUEUE,
+    ENV_BROKER,
+    ENV_QUEUE,
+    ENV_STEP_DELAY,
+    ENV_STREAM_KEY,
+    STREAM_KEY,
+    make_celery_app,
+)
+
+app: Any = make_celery_app(
+    os.environ.get(ENV_BROKER) or DEFAULT_BROKER,
+    os.environ.get(ENV_QUEUE) or DEFAULT_QUEUE,
+    stream_key=os.environ.get(ENV_STREAM_KEY) or STREAM_KEY,
+    step_delay=float(os.environ.get(ENV_STEP_DELAY) or 0.5),
+)
