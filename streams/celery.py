@@ -551,7 +551,7 @@ class CeleryDispatcher:
             while True:
                 claim: list[Any] = await self._client.xautoclaim(
                     self.stream_key, self.group, self.consumer, int(self.claim_idle * 1000),
-                    start_id=start, count=self.batch, justid=True,
+                    start_id=start, count=self.batch,  # not justid: redis-py then drops the cursor
                 )
                 claimed = list(claim[1]) if len(claim) > 1 else []
                 if claimed:
@@ -672,12 +672,11 @@ class CeleryDispatcher:
 
     def _fail(self, operation: str, exc: BaseException, attempt: int, delay: float, what: str) -> None:
         where = _redact(self.broker_url if operation == "publish" else self.redis_url)
-        unavailable = "broker unavailable" if operation == "publish" else "redis unavailable"
-        if not _is_connection_error(exc):
-            unavailable = f"{operation} failed"
+        down = _is_connection_error(exc)
+        problem = ("broker" if operation == "publish" else "redis") + " unavailable" if down else f"{operation} failed"
         log.warning(
-            "%s at %s (%s): %s: %s; retry %d in %.2f s", unavailable, where, what, type(exc).__name__, exc,
-            attempt, delay,
+            "%s at %s (%s): %s: %s; retry %d in %.2f s", problem, where, what, type(exc).__name__, exc,
+            attempt, delay, exc_info=None if down else exc,  # not an outage: show where it came from
         )
         self._failures.on_next(DispatcherFailure(operation, exc, attempt, delay))
 

@@ -297,7 +297,7 @@ def print_summary(result: DemoResult, out: TextIO = sys.stdout) -> None:
     out.write(f"{'-' * (width + 2)}\n")
     for name, value in rows:
         out.write(f"{name:<{width}}  {value}\n")
-    out.write(("\nOK: nothing lost, nothing reordered.\n" if result.ok else "\nFAILED: see above.\n"))
+    out.write("\nOK: nothing lost, nothing reordered.\n" if result.ok else "\nFAILED: see above.\n")
     out.flush()
 
 

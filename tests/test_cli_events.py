@@ -137,7 +137,7 @@ async def test_run_appends_to_an_existing_events_file_and_rejects_an_unwritable_
         "--url", "ws://127.0.0.1:9/ws/v0/", "--hotkey-uri", "//Alice", "--events", str(unwritable),
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert stderr.decode().startswith("error: cannot open --events file"), stderr
     assert b"Traceback" not in stderr

@@ -13,7 +13,7 @@ import pytest
 from streams import FacilitatorClient, SimulatedDispatcher
 from streams.protocol import JobStatus, V0MachineSpecsUpdate, V2JobRequest
 from streams.simulator import FacilitatorSimulator
-from tests.helpers import ALICE, server_side, FULL_SEQUENCE, fast_config, running_client, wait_until
+from tests.helpers import ALICE, FULL_SEQUENCE, fast_config, running_client, server_side, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

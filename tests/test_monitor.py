@@ -348,7 +348,7 @@ async def test_snapshot_holds_counters_gauges_and_timings_and_is_json(sim: Facil
 
 async def test_connected_event_carries_connection_id_duration_and_downtime(sim: FacilitatorSimulator) -> None:
     async with running_client(fast_config(sim.url)) as run:
-        await wait_until(lambda: run.events_of("CONNECTED"), 5, "connected")
+        await wait_until(lambda: bool(run.events_of("CONNECTED")), 5, "connected")
         await sim.drop()
         await wait_until(lambda: len(run.events_of("CONNECTED")) == 2, 5, "reconnected")
         first, second = run.events_of("CONNECTED")
@@ -378,7 +378,7 @@ async def test_disconnected_event_on_a_drop_says_why_how_long_and_what_was_pendi
         await wait_until(lambda: run.client.messages.current_depth.in_flight == 3, 5, "three in flight")
         sim.set_ack_delay(0.0)
         await sim.drop()
-        await wait_until(lambda: run.events_of("DISCONNECTED"), 5, "disconnected")
+        await wait_until(lambda: bool(run.events_of("DISCONNECTED")), 5, "disconnected")
         await sim.wait_for(lambda: all(sim.stored[j] == ["sent", "received"] for j in jobs), 5, "all stored")
         event = only(run, "DISCONNECTED")
         connected = run.events_of("CONNECTED")[0]
@@ -435,7 +435,7 @@ async def test_auth_failed_event_carries_the_facilitators_error_text_and_close_c
 ) -> None:
     sim.refuse_next_auth(refusal)
     async with running_client(fast_config(sim.url, backoff_cap=0.1)) as run:
-        await wait_until(lambda: run.events_of("CONNECTED"), 5, "connected after the refusal")
+        await wait_until(lambda: bool(run.events_of("CONNECTED")), 5, "connected after the refusal")
         event = only(run, "AUTH_FAILED")
         counters = run.counters
     assert_event_shape(event)
@@ -500,9 +500,9 @@ async def test_error_response_without_errors_and_a_response_with_nothing_in_flig
         run.client.statuses.open(job_uuid)("received")
         await sim.wait_for(lambda: len(status_frames(sim)) == 1, 5, "the update on the wire")
         await sim.send_raw('{"status": "error", "errors": []}')  # answers the update in flight
-        await wait_until(lambda: run.events_of("ERROR_RESPONSE"), 5, "error response reported")
+        await wait_until(lambda: bool(run.events_of("ERROR_RESPONSE")), 5, "error response reported")
         await sim.send_raw(SUCCESS)  # nothing is in flight now
-        await wait_until(lambda: run.events_of("UNEXPECTED_RESPONSE"), 5, "unexpected response reported")
+        await wait_until(lambda: bool(run.events_of("UNEXPECTED_RESPONSE")), 5, "unexpected response reported")
         error, unexpected = only(run, "ERROR_RESPONSE"), only(run, "UNEXPECTED_RESPONSE")
         counters = run.counters
         assert run.client.connection.is_connected
@@ -547,7 +547,7 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
     config = fast_config(f"ws://127.0.0.1:{closed_port()}/ws/v0/", outbox_max_messages=3)
     jobs = [str(uuid.uuid4()) for _ in range(5)]
     async with running_client(config) as run:
-        await wait_until(lambda: run.events_of("CONNECT_FAILED"), 5, "a failed attempt")
+        await wait_until(lambda: bool(run.events_of("CONNECT_FAILED")), 5, "a failed attempt")
         for job_uuid in jobs:
             run.client.statuses.open(job_uuid)("received")
         dropped = run.events_of("MESSAGE_DROPPED")
@@ -569,7 +569,7 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
 async def test_message_dropped_events_for_spec_updates_past_max_pending_specs() -> None:
     config = fast_config(f"ws://127.0.0.1:{closed_port()}/ws/v0/", max_pending_specs=2)
     async with running_client(config) as run:
-        await wait_until(lambda: run.events_of("CONNECT_FAILED"), 5, "a failed attempt")
+        await wait_until(lambda: bool(run.events_of("CONNECT_FAILED")), 5, "a failed attempt")
         for n in range(5):
             run.client.publish_specs(spec(n))
         dropped = run.events_of("MESSAGE_DROPPED")
@@ -618,7 +618,7 @@ async def test_cheat_handler_failed_event(sim: FacilitatorSimulator) -> None:
         await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
         job_uuid = str(uuid.uuid4())
         await sim.send_cheat_report(job_uuid)
-        await wait_until(lambda: run.events_of("CHEAT_HANDLER_FAILED"), 5, "handler failure reported")
+        await wait_until(lambda: bool(run.events_of("CHEAT_HANDLER_FAILED")), 5, "handler failure reported")
         event = only(run, "CHEAT_HANDLER_FAILED")
         counters = run.counters
         assert run.client.connection.is_connected
@@ -635,7 +635,7 @@ async def test_source_failed_event_when_the_spec_source_raises(sim: FacilitatorS
         raise OSError("nvidia-smi vanished")
 
     async with running_client(fast_config(sim.url), spec_updates=specs()) as run:
-        await wait_until(lambda: run.events_of("SOURCE_FAILED"), 5, "source failure reported")
+        await wait_until(lambda: bool(run.events_of("SOURCE_FAILED")), 5, "source failure reported")
         await sim.wait_for(lambda: len(sim.spec_updates) == 1, 5, "the spec before the failure is sent")
         event = only(run, "SOURCE_FAILED")
     assert_event_shape(event)
@@ -750,12 +750,15 @@ def test_event_fields_cover_every_event_type() -> None:
 
 
 async def test_a_config_without_statsd_keeps_metrics_in_memory() -> None:
-    client = FacilitatorClient(ClientConfig(url="ws://127.0.0.1:1/ws/v0/"), signer=ALICE, dispatcher=SimulatedDispatcher())
+    config = ClientConfig(url="ws://127.0.0.1:1/ws/v0/")
+    client = FacilitatorClient(config, signer=ALICE, dispatcher=SimulatedDispatcher())
     assert client.metrics.snapshot() == {"counters": {}, "gauges": {}, "timings": {}}, "before start(): empty"
     await client.stop()
     metrics = Metrics()
     metrics.incr("x")
     metrics.timing("t", 0.5)
     assert metrics.snapshot() == {
-        "counters": {"x": 1}, "gauges": {}, "timings": {"t": {"count": 1, "mean": 0.5, "p50": 0.5, "p99": 0.5, "max": 0.5}}
+        "counters": {"x": 1},
+        "gauges": {},
+        "timings": {"t": {"count": 1, "mean": 0.5, "p50": 0.5, "p99": 0.5, "max": 0.5}},
     }

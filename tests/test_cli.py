@@ -1,0 +1,95 @@
+"""`python -m streams run`: clean exits on SIGINT/SIGTERM, one-line errors for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streams.simulator import FacilitatorSimulator
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[1]
+WARNINGS = ("Traceback", "Task was destroyed but it is pending", "was never awaited", "Exception ignored")
+
+
+def streams_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streams", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "default"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: signal.Signals) -> None:
+    async with FacilitatorSimulator(seed=21) as sim:
+        sim.job_requests_on_auth(5)
+        proc = subprocess.Popen(
+            streams_cmd("run", "--url", sim.url, "--hotkey-uri", "//Alice", "--step-delay", "5",
+                        "--heartbeat-period", "0.2"),
+            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            # Running jobs (5 s per step) and a live connection: the teardown has work to do.
+            await sim.wait_for(lambda: len(sim.frames_of("V0JobStatusUpdate")) >= 5, 20, "jobs received")
+            sent_at = time.monotonic()
+            proc.send_signal(sig)
+            await asyncio.to_thread(proc.wait, 5)
+            took = time.monotonic() - sent_at
+            _out, err = proc.communicate(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert took < 2.0, f"exited {took:.2f} s after {sig.name}"
+        for warning in WARNINGS:
+            assert warning not in err, err
+        await sim.wait_for(lambda: sim.connection_log[max(sim.connection_log)].close_code is not None, 5, "closed")
+        assert sim.connection_log[max(sim.connection_log)].close_code == 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--url", "http://example.com", "--hotkey-uri", "//Alice"], "ws:// or wss://"),
+        (["run", "--url", "ws://127.0.0.1:99999/ws/v0/", "--hotkey-uri", "//Alice"], "invalid port"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "nope", "--wallet-hotkey", "nope",
+          "--wallet-path", "/nonexistent"], "cannot read hotkey"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/"], "a hotkey is required"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--ping-interval", "-1"], "must be > 0"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--bogus"], "unrecognized"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--dispatcher", "nomodule:x"],
+         "cannot load dispatcher"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--statsd", "nohostport"],
+         "HOST:PORT"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--events", "/nonexistent/dir/e.jsonl"],
+         "cannot open --events"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_status_2(args: list[str], message: str) -> None:
+    proc = subprocess.run(streams_cmd(*args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+
+
+def test_unreadable_wallet_file_is_a_one_line_error(tmp_path: Path) -> None:
+    hotkeys = tmp_path / "w" / "hotkeys"
+    hotkeys.mkdir(parents=True)
+    (hotkeys / "h").write_text("{this is not a keyfile")
+    proc = subprocess.run(
+        streams_cmd("run", "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "w", "--wallet-hotkey", "h",
+                    "--wallet-path", str(tmp_path)),
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: cannot read hotkey"), proc.stderr
