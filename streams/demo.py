@@ -146,7 +146,7 @@ async def _on_cheat(report: Any) -> None:
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
+    while not predicate():  # noqa: ASYNC110 - polls client state that has no event of its own
         await asyncio.sleep(0.05)
 
 
@@ -159,8 +159,8 @@ async def _script(
     kinds = ["drop", "close", "stall", "drop"]
     sent: list[str] = []
     for n in range(jobs):
-        overrides = {"env": {"SIMULATE": "fail"}} if n % 17 == 16 else {}
-        job = await sim.send_job_request(**overrides)
+        overrides: dict[str, Any] = {"env": {"SIMULATE": "fail"}} if n % 17 == 16 else {}
+        job = await sim.send_job_request(None, **overrides)
         sent.append(job["uuid"])
         if n in (3, jobs // 2):
             await sim.send_cheat_report(sent[0])
@@ -171,7 +171,7 @@ async def _script(
         if n in fault_at and sim.open_connections:
             kind = kinds.pop(0)
             await sim.wait_for(lambda: client.connection.is_connected, 10, "connected before a fault")
-            authenticated = sim.authenticated_connections
+            before = sim.authenticated_connections
             try:
                 if kind == "drop":
                     await sim.drop()
@@ -183,8 +183,12 @@ async def _script(
                 continue
             # A facilitator does not resend a job request it wrote into a dying connection, so the
             # script waits for the client to come back before it sends the next one.
-            await sim.wait_for(lambda: sim.authenticated_connections > authenticated, 15, "reconnection")
+            await sim.wait_for(_more_auths(sim, before), 15, "reconnection")
         await asyncio.sleep(step * rng.uniform(0.5, 1.5))
+
+
+def _more_auths(sim: FacilitatorSimulator, than: int) -> Callable[[], bool]:
+    return lambda: sim.authenticated_connections > than
 
 
 def _finished(sim: FacilitatorSimulator) -> int:
@@ -262,7 +266,8 @@ class _LiveView:
         counters = self._client.metrics.snapshot()["counters"]
         colour = {"connected": "32", "connecting": "33", "authenticating": "33"}.get(self._state.value, "31")
         lines = [
-            f"connection  \x1b[{colour}m{self._state.value:<15}\x1b[0m reconnects {int(counters.get('connect.successes', 1)) - 1}"
+            f"connection  \x1b[{colour}m{self._state.value:<15}\x1b[0m"
+            f" reconnects {int(counters.get('connect.successes', 1)) - 1}"
             f"   disconnects {int(sum(v for k, v in counters.items() if k.startswith('disconnects.')))}",
             f"jobs        [{'#' * filled}{'.' * (width - filled)}] {done}/{self._jobs}",
             f"outbox      {depth.held + depth.wire:>6} queued   {depth.in_flight:>5} in flight"

@@ -31,7 +31,7 @@ def env() -> dict[str, str]:
 async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: signal.Signals) -> None:
     async with FacilitatorSimulator(seed=21) as sim:
         sim.job_requests_on_auth(5)
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a child process under test, not awaited I/O
             streams_cmd("run", "--url", sim.url, "--hotkey-uri", "//Alice", "--step-delay", "5",
                         "--heartbeat-period", "0.2"),
             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -64,7 +64,8 @@ async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: si
         (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "nope", "--wallet-hotkey", "nope",
           "--wallet-path", "/nonexistent"], "cannot read hotkey"),
         (["run", "--url", "ws://127.0.0.1:1/ws/v0/"], "a hotkey is required"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--ping-interval", "-1"], "must be > 0"),
+        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--ping-interval", "-1"],
+         "must be > 0"),
         (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--bogus"], "unrecognized"),
         (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--dispatcher", "nomodule:x"],
          "cannot load dispatcher"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -92,7 +93,7 @@ async def test_unacked_updates_resent_first_and_integrity_errors_count_as_acks()
             await sim.drop()
             await sim.wait_for(lambda: len(status_frames(sim)) == 12, 5, "six updates resent")
             await wait_until(lambda: run.counters.get("acks.duplicate", 0) == 6, 5, "duplicate acks")
-            first_conn, second_conn = sorted({c for c, _, _ in status_frames(sim)})
+            _first_conn, second_conn = sorted({c for c, _, _ in status_frames(sim)})
             resent = [(u, s) for c, u, s in status_frames(sim) if c == second_conn]
             assert resent == sent, "unacknowledged updates go out first, in their original order"
             assert run.client.messages.current_depth.in_flight == 0
@@ -139,7 +140,9 @@ async def test_stall_is_detected_and_the_client_reconnects() -> None:
 async def test_heartbeats_first_after_auth_periodic_and_not_piled_up() -> None:
     async with FacilitatorSimulator(seed=5, accept_unknown_jobs=True) as sim:
         async with running_client(fast_config(sim.url, heartbeat_period=0.2, backoff_cap=0.05)) as run:
-            await sim.wait_for(lambda: 1 in sim.connection_log and len(sim.connection_log[1].heartbeats) >= 5, 5, "five heartbeats")
+            await sim.wait_for(
+                lambda: 1 in sim.connection_log and len(sim.connection_log[1].heartbeats) >= 5, 5, "five heartbeats"
+            )
             record = sim.connection_log[1]
             assert record.heartbeats[0] - record.authenticated_at < 0.15, "the first heartbeat follows auth"
             gaps = [b - a for a, b in zip(record.heartbeats, record.heartbeats[1:], strict=False)]
@@ -162,7 +165,7 @@ async def test_heartbeats_first_after_auth_periodic_and_not_piled_up() -> None:
             in_backlog = [t for t in backlog_conn.heartbeats if t <= sim.received[-1].t]
             # Heartbeats keep leaving within a period (plus slack) while 10,000 updates drain.
             edges = [backlog_conn.authenticated_at, *in_backlog]
-            assert max(b - a for a, b in zip(edges, edges[1:], strict=False)) < 0.2 + 0.4
+            assert max(b - a for a, b in itertools.pairwise(edges)) < 0.2 + 0.4
             assert run.counters.get("messages.coalesced.V0Heartbeat", 0) <= 2
 
 
@@ -230,7 +233,8 @@ async def test_one_hundred_concurrent_jobs() -> None:
         try:
             await release.wait()
             assert callable(report)
-            report(JobStatus.COMPLETED, {"miner_response": {"docker_process_stdout": "ok", "docker_process_stderr": ""}})
+            miner_response = {"docker_process_stdout": "ok", "docker_process_stderr": ""}
+            report(JobStatus.COMPLETED, {"miner_response": miner_response})
         finally:
             running -= 1
 
@@ -299,7 +303,8 @@ async def test_stop_drains_and_leaves_no_task() -> None:
         await task
         assert took < 1.0 + client.config.drain_timeout
         assert len(status_frames(sim)) == 100, "stop() drains the outbox while connected"
-        await sim.wait_for(lambda: sim.connection_log[max(sim.connection_log)].close_code == 1000, 5, "closed with 1000")
+        last = sim.connection_log[max(sim.connection_log)]
+        await sim.wait_for(lambda: last.close_code == 1000, 5, "closed with 1000")
         assert not [t for t in asyncio.all_tasks() - before if not server_side(t)]
         with pytest.raises(RuntimeError, match="called once"):
             await client.start()
