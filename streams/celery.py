@@ -282,11 +282,14 @@ def make_celery_app(
     step_delay: float = 0.5,
     redis_url: str | None = None,
     task_name: str = TASK_NAME,
+    acks_late: bool = False,
 ) -> Any:
     """A Celery app for both sides: the validator publishes with it, workers run its sample task.
 
-    ``redis_url`` is where the status stream lives (default: the broker). Tasks are acknowledged
-    late, one prefetched per slot, so a worker that dies mid-job leaves the job to be redelivered.
+    ``redis_url`` is where the status stream lives (default: the broker). ``acks_late`` is off by
+    default because a job is not idempotent: with Redis as the broker, a late-acknowledged task whose
+    worker lost its broker connection (a Redis restart) runs again after the visibility timeout.
+    Turn it on when re-running a job is cheaper than losing the one a crashed worker held.
     """
     from celery import Celery
 
@@ -302,7 +305,7 @@ def make_celery_app(
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        task_acks_late=True,
+        task_acks_late=acks_late,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=2.0,
@@ -319,7 +322,7 @@ def make_celery_app(
         final = play_lifecycle(raw_job, reporter_for(app).report, float(app.conf.facilitator_streams_step_delay))
         return final.value
 
-    app.task(name=task_name, acks_late=True)(run_job)
+    app.task(name=task_name)(run_job)
     return app
 
 
@@ -591,9 +594,18 @@ class CeleryDispatcher:
                 continue
             key = (update.uuid, update.status.value)
             self._inflight[entry_id] = key
-            self._by_key.setdefault(key, deque()).append(entry_id)
-            statuses.open(update.uuid)  # re-opens a job whose stream ended (redelivery after a restart)
-            statuses.report(update.uuid, update.status, update.metadata)
+            ids = self._by_key.setdefault(key, deque())
+            ids.append(entry_id)
+            try:
+                statuses.open(update.uuid)  # re-opens a job whose stream ended (redelivery after a restart)
+                statuses.report(update.uuid, update.status, update.metadata)
+            except BaseException:
+                # Not handed over: forget it, so that reading the pending list again retries it.
+                del self._inflight[entry_id]
+                ids.pop()
+                if not ids:
+                    del self._by_key[key]
+                raise
             self.delivered += 1
             if update.status.is_final:
                 self._finished[update.uuid] = None

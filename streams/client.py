@@ -208,6 +208,7 @@ class FacilitatorClient:
             cheat_reports=cheat_reports,
         )
         self.messages.start()
+        self.statuses.start()
         bind = getattr(self.jobs.dispatcher, "bind", None)
         if bind is not None:  # e.g. the Celery dispatcher feeds statuses and needs their acks
             bind(self.statuses, self.messages.acks)

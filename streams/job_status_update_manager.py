@@ -47,11 +47,23 @@ class JobStatusUpdateManager:
         self._open: dict[str, Subject[JobStatusUpdate]] = {}
         self._updates = self._streams.pipe(ops.merge_all())
         self._stopped = False
+        self._started = False
+        self._early: list[JobStatusUpdate] = []
+        self._unwired: list[Subject[JobStatusUpdate]] = []
 
     @property
     def updates(self) -> reactivex.Observable[JobStatusUpdate]:
-        """All jobs' status updates, in report order. Subscribe before the first job opens."""
+        """All jobs' status updates, in report order (those reported before ``start()`` first)."""
         return self._updates
+
+    def start(self) -> None:
+        """Called once ``updates`` is subscribed: what was reported earlier goes out first, in order."""
+        self._started = True
+        early, self._early = self._early, []
+        self._streams.on_next(reactivex.from_iterable(early))
+        unwired, self._unwired = self._unwired, []
+        for stream in unwired:
+            self._streams.on_next(stream)
 
     def open(self, job_uuid: str) -> JobReporter:
         """Start a job's status stream; returns its ``report`` callable."""
@@ -60,7 +72,10 @@ class JobStatusUpdateManager:
         if job_uuid not in self._open:
             stream: Subject[JobStatusUpdate] = Subject()
             self._open[job_uuid] = stream
-            self._streams.on_next(stream)
+            if self._started:
+                self._streams.on_next(stream)
+            else:
+                self._unwired.append(stream)
         return JobReporter(self, job_uuid)
 
     def is_open(self, job_uuid: str) -> bool:
@@ -77,7 +92,10 @@ class JobStatusUpdateManager:
             log.warning("status %s for job %s ignored: its status stream has ended", status, job_uuid)
             return False
         update = JobStatusUpdate(uuid=job_uuid, status=JobStatus(status), metadata=_metadata(metadata))
-        stream.on_next(update)
+        if self._started:
+            stream.on_next(update)
+        else:
+            self._early.append(update)  # nothing is subscribed yet: kept for start()
         if update.status.is_final:
             self.stop_listener(job_uuid)
         return True

@@ -154,6 +154,7 @@ class MessageManager:
         self._changed = asyncio.Event()
         self._subscriptions = CompositeDisposable()
         self._started = False
+        self._quiet_depth = False
 
         self._sent: Subject[Sent] = Subject()
         self._dropped: Subject[Dropped[Envelope]] = Subject()
@@ -330,9 +331,21 @@ class MessageManager:
         self._wake.set()
 
     def _update_gate(self) -> None:
-        is_open = self._connection.is_connected and len(self._wire) < self._config.wire_queue_size
+        # Hysteresis: the gate closes at wire_queue_size and reopens only once the send loop has
+        # taken the wire queue below half of it, so the outbox releases frames in batches rather
+        # than toggling the gate (and re-entering the hold operator) once per frame.
+        size = self._config.wire_queue_size
+        limit = size if self._gate.value else max(1, size // 2)
+        is_open = self._connection.is_connected and len(self._wire) < limit
         if is_open != self._gate.value:
-            self._gate.on_next(is_open)
+            # A release calls _to_wire (and the hold operator's on_depth) once per frame: publish
+            # the depth once, after the whole synchronous batch.
+            quiet, self._quiet_depth = self._quiet_depth, True
+            try:
+                self._gate.on_next(is_open)
+            finally:
+                self._quiet_depth = quiet
+            self._publish_depth()
 
     def _on_connected(self, connected: bool) -> None:
         if not connected and self._heartbeat is not None:
@@ -371,6 +384,8 @@ class MessageManager:
         self._publish_depth()
 
     def _publish_depth(self) -> None:
+        if self._quiet_depth:
+            return
         depth = Depth(self._held, self._held_bytes, len(self._wire), self._in_flight)
         if depth != self._depth.value:
             self._depth.on_next(depth)

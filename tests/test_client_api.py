@@ -1,0 +1,122 @@
+"""The public surface: construction errors, async with, spec sources, status streams, misuse."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import reactivex
+
+from streams import ClientConfig, ConfigError, ConnectionState, FacilitatorClient, SimulatedDispatcher
+from streams.protocol import JobStatus, V0MachineSpecsUpdate
+from streams.simulator import FacilitatorSimulator
+from tests.helpers import ALICE, fast_config, running_client, wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def spec(n: int) -> V0MachineSpecsUpdate:
+    return V0MachineSpecsUpdate(
+        miner_hotkey="5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
+        validator_hotkey=ALICE.ss58_address,
+        specs={"os": "Ubuntu", "n": n},
+        batch_id=f"b{n}",
+    )
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="ws:// or wss://"):
+        ClientConfig(url="127.0.0.1:8765")
+    with pytest.raises(ConfigError, match="heartbeat_period must be > 0"):
+        ClientConfig(url="ws://h/ws/v0/", heartbeat_period=0)
+    with pytest.raises(ConfigError, match="backoff_base"):
+        ClientConfig(url="ws://h/ws/v0/", backoff_base=10, backoff_cap=1)
+    assert ClientConfig(url="ws://h/", validator_version="1.2").headers == {"X-Validator-Version": "1.2"}
+
+
+def test_constructor_rejects_a_bad_signer_or_dispatcher() -> None:
+    config = ClientConfig(url="ws://127.0.0.1:1/ws/v0/")
+    with pytest.raises(TypeError, match="signer needs"):
+        FacilitatorClient(config, signer=object(), dispatcher=SimulatedDispatcher())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dispatcher must"):
+        FacilitatorClient(config, signer=ALICE, dispatcher=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="spec_updates must"):
+        FacilitatorClient(config, signer=ALICE, dispatcher=SimulatedDispatcher(), spec_updates=[1])  # type: ignore[arg-type]
+
+
+async def test_async_with_runs_the_client_in_the_background_and_states_are_observable() -> None:
+    states: list[ConnectionState] = []
+    async with FacilitatorSimulator(seed=31) as sim:
+        client = FacilitatorClient(fast_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0))
+        client.state.subscribe(states.append)
+        async with client:
+            await wait_until(lambda: client.connection.is_connected, 5, "connected")
+            with pytest.raises(RuntimeError, match="called once"):
+                await client.start()
+        assert states[:4] == [
+            ConnectionState.DISCONNECTED,
+            ConnectionState.CONNECTING,
+            ConnectionState.AUTHENTICATING,
+            ConnectionState.CONNECTED,
+        ]
+        assert states[-1] is ConnectionState.DISCONNECTED
+
+
+async def test_spec_updates_from_an_observable_an_async_iterable_and_publish_before_start() -> None:
+    async def updates() -> AsyncIterator[V0MachineSpecsUpdate]:
+        for n in (10, 11):
+            yield spec(n)
+
+    async with FacilitatorSimulator(seed=32) as sim:
+        client = FacilitatorClient(
+            fast_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0), spec_updates=updates()
+        )
+        client.publish_specs(spec(0))  # before start: kept and sent first
+        async with client:
+            await sim.wait_for(lambda: len(sim.spec_updates) == 3, 5, "three spec updates")
+            client.publish_specs(spec(1))
+            await sim.wait_for(lambda: len(sim.spec_updates) == 4, 5, "four spec updates")
+        assert [s["batch_id"] for s in sim.spec_updates] == ["b0", "b10", "b11", "b1"]
+
+        observable = FacilitatorClient(
+            fast_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0),
+            spec_updates=reactivex.from_iterable([spec(20), spec(21)]),
+        )
+        async with observable:
+            await sim.wait_for(lambda: len(sim.spec_updates) == 6, 5, "observable spec updates")
+        assert [s["batch_id"] for s in sim.spec_updates[4:]] == ["b20", "b21"]
+
+
+async def test_a_failing_spec_source_is_reported_not_fatal() -> None:
+    async def broken() -> AsyncIterator[V0MachineSpecsUpdate]:
+        yield spec(1)
+        raise OSError("sensor unreachable")
+
+    async with FacilitatorSimulator(seed=33) as sim:
+        async with running_client(fast_config(sim.url), spec_updates=broken()) as run:
+            await wait_until(lambda: run.events_of("SOURCE_FAILED"), 5, "source failure reported")
+            assert "sensor unreachable" in run.events_of("SOURCE_FAILED")[0].description
+            await sim.wait_for(lambda: len(sim.spec_updates) == 1, 5, "the update before the failure")
+            assert run.client.connection.is_connected
+
+
+async def test_a_job_status_stream_ends_at_its_first_final_status() -> None:
+    async with FacilitatorSimulator(seed=34) as sim:
+        async with running_client(fast_config(sim.url)) as run:
+            job_uuid = "8d3f2f0e-3c1e-4c61-9d6b-1e2f3a4b5c6d"
+            sim.register_job(job_uuid)
+            report = run.client.statuses.open(job_uuid)
+            assert report(JobStatus.RECEIVED)
+            assert report(JobStatus.REJECTED, {"job_rejection_details": {"rejected_by": "miner", "reason": "busy",
+                                                                          "message": "no executor"}})
+            assert not report(JobStatus.ACCEPTED), "after a final status the stream has ended"
+            assert not run.client.statuses.is_open(job_uuid)
+            other = "9d3f2f0e-3c1e-4c61-9d6b-1e2f3a4b5c6d"
+            sim.register_job(other)
+            stop = run.client.statuses.open(other)
+            run.client.statuses.stop_listener(other)
+            assert not stop(JobStatus.ACCEPTED)
+            await sim.wait_for(lambda: sim.stored[job_uuid] == ["sent", "received", "rejected"], 5, "stored")
+            await asyncio.sleep(0)
+            assert sim.stored[other] == ["sent"]
