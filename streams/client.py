@@ -81,16 +81,7 @@ class FacilitatorClient:
         if not isinstance(getattr(signer, "public_key", None), bytes) or not callable(getattr(signer, "sign", None)):
             raise TypeError("signer needs .public_key (bytes) and .sign(bytes) -> bytes, like bittensor_wallet.Keypair")
         self.config = config
-        self._transport = transport or WebSocketTransport(
-            config.url,
-            headers=config.headers,
-            max_size=config.max_frame_bytes,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
-            open_timeout=config.connect_timeout,
-            close_timeout=config.close_timeout,
-            send_timeout=config.send_timeout,
-        )
+        self._transport = transport or WebSocketTransport.from_config(config)
         self.metrics = Metrics(config.statsd_host, config.statsd_port, config.statsd_prefix)
         self.monitor = PerformanceMonitor(self.metrics)
         self.connection = ConnectionManager(config, signer, self._transport)

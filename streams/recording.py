@@ -462,14 +462,5 @@ def open_recorder(
 
         raise CliError(f"cannot open --record file {path}: {exc.strerror or exc}") from None
     if inner is None:
-        inner = WebSocketTransport(
-            config.url,
-            headers=config.headers,
-            max_size=config.max_frame_bytes,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
-            open_timeout=config.connect_timeout,
-            close_timeout=config.close_timeout,
-            send_timeout=config.send_timeout,
-        )
+        inner = WebSocketTransport.from_config(config)
     return recorder, RecordingTransport(inner, recorder)

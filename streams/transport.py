@@ -15,6 +15,7 @@ import asyncio
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,6 +29,9 @@ from websockets.exceptions import (
 )
 from websockets.frames import CLOSE_CODE_EXPLANATIONS, Close
 from websockets.protocol import State
+
+if TYPE_CHECKING:
+    from streams.config import ClientConfig
 
 __all__ = [
     "CloseInfo",
@@ -222,6 +226,20 @@ class WebSocketTransport(Transport):
         self._conn: _Connection | None = None
         self._connecting = False
         self._close_info: CloseInfo | None = None
+
+    @classmethod
+    def from_config(cls, config: ClientConfig) -> WebSocketTransport:
+        """The transport a FacilitatorClient uses for ``config`` (its URL, headers and timings)."""
+        return cls(
+            config.url,
+            headers=config.headers,
+            max_size=config.max_frame_bytes,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            open_timeout=config.connect_timeout,
+            close_timeout=config.close_timeout,
+            send_timeout=config.send_timeout,
+        )
 
     async def connect(self) -> None:
         if self.is_connected() or self._connecting:
