@@ -4,14 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean venv
+.PHONY: demo test lint typecheck bench clean venv notebook
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,notebooks]'
+	$(PY) -m pip install -q -e '.[dev,notebooks,celery]'
+	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+		|| echo "warning: redis-server could not be installed; the Celery tests will be skipped" >&2
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -26,6 +28,11 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Open the replay notebook (on RECORDING=path, default: the shipped demo recording).
+notebook: $(STAMP)
+	$(PY) -c "import notebook" 2>/dev/null || $(PY) -m pip install -q -e '.[jupyter]'
+	FACILITATOR_RECORDING=$(RECORDING) $(VENV)/bin/jupyter notebook notebooks/replay_recorded_traffic.ipynb
 
 bench: $(STAMP)
 	$(PY) -m bench

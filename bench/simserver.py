@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import sys
 from typing import Any
 
@@ -40,7 +41,7 @@ class BenchSimulator(FacilitatorSimulator):
         return result
 
 
-def _stats(sim: FacilitatorSimulator) -> dict[str, int]:
+def _stats(sim: FacilitatorSimulator) -> dict[str, float]:
     statuses = sum(
         1 for r in sim.received if r.parsed is not None and r.parsed.get("message_type") == "V0JobStatusUpdate"
     )
@@ -50,6 +51,7 @@ def _stats(sim: FacilitatorSimulator) -> dict[str, int]:
         "stored": sum(len(v) - 1 for v in sim.stored.values()),
         "connections": sim.connections,
         "authenticated": sim.authenticated_connections,
+        "cpu": resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
     }
 
 

@@ -36,6 +36,8 @@ class Run:
     seconds: float
     cpu_seconds: float
     """CPU time of this process (the simulator runs in another one)."""
+    sim_cpu_seconds: float
+    """CPU time of the simulator process over the same span."""
 
     @property
     def rate(self) -> float:
@@ -44,6 +46,10 @@ class Run:
     @property
     def cpu_us_per_msg(self) -> float:
         return self.cpu_seconds / self.count * 1e6
+
+    @property
+    def sim_cpu_us_per_msg(self) -> float:
+        return self.sim_cpu_seconds / self.count * 1e6
 
 
 async def baseline_run(count: int, window: int) -> Run:
@@ -67,13 +73,14 @@ async def baseline_run(count: int, window: int) -> Run:
                         raise AssertionError(f"baseline got an error Response: {response!r}")
                     slots.release()
 
+            sim_cpu0 = (await sim.command("stats"))["cpu"]
             cpu0, t0 = time.process_time(), time.perf_counter()
             async with asyncio.timeout(120):
                 await asyncio.gather(sender(), reader())
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        stats = await sim.command("stats")
+            stats = await sim.command("stats")
     assert stats["stored"] == count, stats
-    return Run("baseline", count, seconds, cpu)
+    return Run("baseline", count, seconds, cpu, stats["cpu"] - sim_cpu0)
 
 
 async def client_run(count: int, **config: Any) -> Run:
@@ -87,10 +94,12 @@ async def client_run(count: int, **config: Any) -> Run:
             await until_connected(client)
             acks = Counter()
             client.messages.acks.subscribe(acks)
+            sim_cpu0 = (await sim.command("stats"))["cpu"]
             cpu0, t0 = time.process_time(), time.perf_counter()
             enqueue(client, updates)
             await acks.reached(count, timeout=120)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            sim_cpu = (await sim.command("stats"))["cpu"] - sim_cpu0
             counters = client.metrics.snapshot()["counters"]
             assert counters.get("acks.success") == count, counters
         finally:
@@ -98,7 +107,7 @@ async def client_run(count: int, **config: Any) -> Run:
             await task
         stats = await sim.command("stats")
     assert stats["stored"] == count, stats
-    return Run("client", count, seconds, cpu)
+    return Run("client", count, seconds, cpu, sim_cpu)
 
 
 async def compare(count: int, rounds: int) -> tuple[list[Run], list[Run]]:

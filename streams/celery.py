@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import random
 import socket
@@ -311,7 +312,8 @@ def make_celery_app(
         broker_connection_timeout=2.0,
         # A publish must not hang on a dead connection: it runs in a thread the client waits for.
         broker_transport_options={"socket_connect_timeout": 2.0, "socket_timeout": 10.0},
-        worker_hijack_root_logger=False,
+        # Only acks_late tasks are affected; being explicit silences Celery's pending-change warning.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         facilitator_streams_stream_key=stream_key,
         facilitator_streams_step_delay=step_delay,
         facilitator_streams_redis_url=redis_url or broker_url,
@@ -510,11 +512,13 @@ class CeleryDispatcher:
     async def _read_loop(self) -> None:
         backoff = self._new_backoff()
         recover = True
+        next_claim = math.inf if self.claim_idle is None else 0.0
         while True:
             try:
                 if recover:
                     await self._ensure_group()
-                    await self._recover_pending()
+                    await self._claim_stale()
+                    await self._read_pending()
                     recover = False
                     if backoff.attempt:
                         log.warning(
@@ -522,6 +526,10 @@ class CeleryDispatcher:
                             _redact(self.redis_url), self.stream_key, backoff.attempt,
                         )
                         backoff.reset()
+                elif time.monotonic() >= next_claim and await self._claim_stale():
+                    await self._read_pending()
+                if self.claim_idle is not None and time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + self.claim_idle
                 await self._room.wait()
                 reply = await self._client.xreadgroup(
                     self.group, self.consumer, {self.stream_key: ">"}, count=self.batch, block=self.block_ms
@@ -539,30 +547,49 @@ class CeleryDispatcher:
 
     async def _ensure_group(self) -> None:
         """Create the group at the start of the stream (a Redis restart without persistence loses it)."""
-        import redis.exceptions
+        from redis.exceptions import ResponseError
 
         try:
             await self._client.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
+        except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _recover_pending(self) -> None:
-        """Report what this consumer read but never acknowledged (a crashed predecessor), in order."""
-        if self.claim_idle is not None:
-            start = "0-0"
-            while True:
+    async def _claim_stale(self) -> int:
+        """Take over entries pending for ``claim_idle`` s with another consumer (a client that is gone).
+
+        Runs at start and every ``claim_idle`` seconds. Entries taken over late may reach the
+        facilitator after later statuses of the same job: better than never. A consumer name that
+        stays the same across restarts avoids this path altogether.
+        """
+        from redis.exceptions import ResponseError
+
+        if self.claim_idle is None:
+            return 0
+        start, taken = "0-0", 0
+        while True:
+            try:
                 claim: list[Any] = await self._client.xautoclaim(
                     self.stream_key, self.group, self.consumer, int(self.claim_idle * 1000),
                     start_id=start, count=self.batch,  # not justid: redis-py then drops the cursor
                 )
-                claimed = list(claim[1]) if len(claim) > 1 else []
-                if claimed:
-                    log.warning("took over %d status entries left pending by another consumer", len(claimed))
-                start = str(claim[0])
-                if start in ("0-0", "0"):
-                    break
-        last = "0"
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                log.warning("redis has no XAUTOCLAIM (before 6.2): entries of other consumers are not taken over")
+                self.claim_idle = None
+                return taken
+            taken += sum(1 for entry in (claim[1] if len(claim) > 1 else []) if str(entry[0]) not in self._inflight)
+            start = str(claim[0])
+            if start in ("0-0", "0"):
+                break
+        if taken:
+            log.warning("took over %d status entries left pending by another consumer of group %s", taken, self.group)
+        return taken
+
+    async def _read_pending(self) -> None:
+        """Report what this consumer read but never acknowledged (a crashed predecessor), in order."""
+        last, recovered = "0", 0
         while True:
             await self._room.wait()
             reply = await self._client.xreadgroup(
@@ -570,10 +597,16 @@ class CeleryDispatcher:
             )
             entries = _entries(reply)
             if not entries:
-                return
-            self.recovered += sum(1 for entry_id, _ in entries if entry_id not in self._inflight)
+                break
+            recovered += sum(1 for entry_id, _ in entries if entry_id not in self._inflight)
             self._deliver(entries)
             last = entries[-1][0]
+        if recovered:
+            self.recovered += recovered
+            log.warning(
+                "resending %d status entries read earlier by consumer %s but never acknowledged by the facilitator",
+                recovered, self.consumer,
+            )
 
     def _deliver(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
         statuses = self._statuses

@@ -7,7 +7,9 @@ UDP and fire-and-forget, and every call here is guarded.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import statistics
 from collections import deque
 from typing import Any
@@ -17,6 +19,14 @@ import statsd
 log = logging.getLogger(__name__)
 
 RESERVOIR = 10_000
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+@functools.lru_cache(maxsize=4096)
+def safe_name(name: str) -> str:
+    """Parts of names come off the wire (the facilitator's error types): keep statsd's ``:|@`` out."""
+    return _UNSAFE.sub("_", name)
 
 
 class Metrics:
@@ -43,16 +53,19 @@ class Metrics:
 
     # -- recording ------------------------------------------------------------------------------
     def incr(self, name: str, count: float = 1) -> None:
+        name = safe_name(name)
         self._counters[name] = self._counters.get(name, 0) + count
         self._mirror("incr", name, count)
 
     def gauge(self, name: str, value: float) -> None:
+        name = safe_name(name)
         if self._gauges.get(name) == value:
             return
         self._gauges[name] = value
         self._mirror("gauge", name, value)
 
     def timing(self, name: str, seconds: float) -> None:
+        name = safe_name(name)
         samples = self._timings.get(name)
         if samples is None:
             samples = self._timings[name] = deque(maxlen=RESERVOIR)
@@ -72,13 +85,13 @@ class Metrics:
 
     # -- reading --------------------------------------------------------------------------------
     def counter(self, name: str) -> float:
-        return self._counters.get(name, 0)
+        return self._counters.get(safe_name(name), 0)
 
     def gauge_value(self, name: str) -> float | None:
-        return self._gauges.get(name)
+        return self._gauges.get(safe_name(name))
 
     def samples(self, name: str) -> list[float]:
-        return list(self._timings.get(name, ()))
+        return list(self._timings.get(safe_name(name), ()))
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able copy: counters, gauges, and per timing count/mean/p50/p99/max in seconds."""

@@ -725,7 +725,8 @@ def _connections(recording: Recording, pairing: Pairing) -> tuple[list[Connectio
         key=lambda c: (c.opened_at if c.opened_at is not None else math.inf, c.conn),
     )
     outages = []
-    for previous, following in zip(connections, [*connections[1:], None], strict=True):
+    followers: list[ConnectionSummary | None] = [*connections[1:], None] if connections else []
+    for previous, following in zip(connections, followers, strict=True):
         if previous.closed_at is None:
             continue
         if following is not None and following.opened_at is not None:
