@@ -155,6 +155,7 @@ class MessageManager:
         self._subscriptions = CompositeDisposable()
         self._started = False
         self._quiet_depth = False
+        self._depth_soon = False
 
         self._sent: Subject[Sent] = Subject()
         self._dropped: Subject[Dropped[Envelope]] = Subject()
@@ -196,7 +197,8 @@ class MessageManager:
 
     @property
     def current_depth(self) -> Depth:
-        return self._depth.value
+        """Exact at any moment (the ``depth`` observable may publish up to one loop iteration later)."""
+        return Depth(self._held, self._held_bytes, len(self._wire), self._in_flight)
 
     # -- input ---------------------------------------------------------------------------------
     def add_source(self, source: reactivex.Observable[OutboundMessage]) -> None:
@@ -282,7 +284,7 @@ class MessageManager:
                 continue
             self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
             self._update_gate()
-            self._publish_depth()
+            self._publish_depth_soon()
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is held, queued or in flight; False if the timeout came first."""
@@ -298,7 +300,13 @@ class MessageManager:
         return True
 
     def close(self) -> None:
-        """Dispose the pipeline and complete the observables."""
+        """Dispose the pipeline, report what was never sent, complete the observables.
+
+        Unacknowledged status updates are back in the wire queue by now (the connection ended
+        first), so reporting the wire queue and the outbox accounts for every pending message.
+        """
+        while self._wire:
+            self._dropped.on_next(Dropped(self._wire.popleft(), "disposed"))
         self._subscriptions.dispose()
         self._depth.on_completed()
         for subject in (self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._send_failed):
@@ -367,7 +375,10 @@ class MessageManager:
             else:
                 outcome = "error"
             self._acks.on_next(AckOutcome(envelope, response, outcome, self._clock() - envelope.sent_at))
-        elif isinstance(event, Unacked):
+            self._publish_depth_soon()
+            self._wake.set()
+            return
+        if isinstance(event, Unacked):
             self._in_flight -= len(event.items)
             self._wire.extendleft(reversed(event.items))
             self._requeued.on_next(Requeued(event.items, self._connection.connection_id))
@@ -390,6 +401,22 @@ class MessageManager:
         if depth != self._depth.value:
             self._depth.on_next(depth)
         self._changed.set()
+
+    def _publish_depth_soon(self) -> None:
+        """Sends and acks change the depth once per frame, in bursts: publish once per loop iteration.
+
+        (Publishing per frame, with the monitor's gauges behind it, was ~10% of the CPU per status
+        update in the throughput benchmark.) ``current_depth`` and ``drain()`` stay exact meanwhile.
+        """
+        self._changed.set()
+        if not self._depth_soon:
+            self._depth_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_depth)
+
+    def _flush_depth(self) -> None:
+        self._depth_soon = False
+        if not self._depth.is_stopped:
+            self._publish_depth()
 
     @property
     def subscriptions(self) -> DisposableBase:

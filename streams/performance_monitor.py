@@ -61,6 +61,7 @@ class PerformanceMonitor:
         self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self._subscriber_failed("events"))
         self._subscriptions = CompositeDisposable()
         self._depth = Depth(0, 0, 0, 0)
+        self._messages: MessageManager | None = None
         self._active_jobs = 0
         self._emitting = 0
         self._failed_subscribers: set[tuple[str, str]] = set()
@@ -117,6 +118,7 @@ class PerformanceMonitor:
         state = connection.state
         if isinstance(state, SafeBehaviorSubject) and state.on_subscriber_error is None:
             state.on_subscriber_error = self._subscriber_failed("state")
+        self._messages = messages
         add = self._subscriptions.add
         add(connection.changes.subscribe(self._on_change))
         add(connection.state.subscribe(self._on_state))
@@ -175,7 +177,8 @@ class PerformanceMonitor:
         elif isinstance(change, Disconnected):
             code = change.info.code
             m.incr(f"disconnects.{code if code is not None else 'none'}")
-            depth = self._depth
+            # Exact, not the last published depth (published at most once per loop iteration).
+            depth = self._depth if self._messages is None else self._messages.current_depth
             self.emit(
                 EventType.DISCONNECTED, str(code) if code is not None else "no_close_frame",
                 f"disconnected after {change.lived:.1f} s: {change.info.describe()}",

@@ -7,15 +7,26 @@ tear down the connection loop that emitted the value: the error is logged and co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from reactivex import abc
 from reactivex.subject import BehaviorSubject, Subject
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SubscriberErrorHook = Callable[[BaseException], None]
+
+
+def _deliver(observers: Iterable[abc.ObserverBase[T]], value: T, hook: SubscriberErrorHook | None) -> None:
+    for observer in observers:
+        try:
+            observer.on_next(value)
+        except Exception as exc:
+            log.exception("a subscriber raised while handling %r", type(value).__name__)
+            if hook is not None:
+                hook(exc)
 
 
 class SafeSubject(Subject[T]):
@@ -26,13 +37,7 @@ class SafeSubject(Subject[T]):
     def _on_next_core(self, value: T) -> None:
         with self.lock:
             observers = self.observers.copy()
-        for observer in observers:
-            try:
-                observer.on_next(value)
-            except Exception as exc:
-                log.exception("a subscriber raised while handling %r", type(value).__name__)
-                if self.on_subscriber_error is not None:
-                    self.on_subscriber_error(exc)
+        _deliver(observers, value, self.on_subscriber_error)
 
 
 class SafeBehaviorSubject(BehaviorSubject[T]):
@@ -44,10 +49,27 @@ class SafeBehaviorSubject(BehaviorSubject[T]):
         with self.lock:
             observers = self.observers.copy()
             self.value = value
-        for observer in observers:
-            try:
-                observer.on_next(value)
-            except Exception as exc:
-                log.exception("a subscriber raised while handling %r", type(value).__name__)
-                if self.on_subscriber_error is not None:
-                    self.on_subscriber_error(exc)
+        _deliver(observers, value, self.on_subscriber_error)
+
+    def _subscribe_core(
+        self, observer: abc.ObserverBase[T], scheduler: abc.SchedulerBase | None = None
+    ) -> abc.DisposableBase:
+        # The current value is delivered on subscribe: guarded too, so a raising subscriber
+        # neither makes subscribe() raise nor loses its subscription.
+        class Guarded(abc.ObserverBase[T]):
+            first = True
+
+            def on_next(inner, value: T) -> None:  # noqa: N805 - closure over the outer self
+                if inner.first:
+                    inner.first = False
+                    _deliver((observer,), value, self.on_subscriber_error)
+                else:
+                    observer.on_next(value)
+
+            def on_error(inner, error: Exception) -> None:  # noqa: N805
+                observer.on_error(error)
+
+            def on_completed(inner) -> None:  # noqa: N805
+                observer.on_completed()
+
+        return super()._subscribe_core(Guarded(), scheduler)

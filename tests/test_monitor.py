@@ -589,11 +589,6 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
     assert [(e.data["job_uuid"], e.data["reason"]) for e in at_stop] == [(j, "disposed") for j in jobs[2:]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="streams/message_manager.py: close() reports what the outbox holds as Dropped('disposed'), but not "
-    "the wire queue, where unacknowledged updates go back after a disconnect: at stop() those vanish silently",
-)
 async def test_stopping_while_disconnected_reports_every_unsent_status_update(sim: FacilitatorSimulator) -> None:
     jobs = [sim.register_job(str(uuid.uuid4())) for _ in range(4)]
     async with running_client(fast_config(sim.url, backoff_cap=0.3, drain_timeout=0.2)) as run:
@@ -736,11 +731,6 @@ async def test_raising_subscribers_on_events_and_state_never_break_the_client(si
     assert {e.data["message"] for e in failures} == {"host event store is down", "host state callback bug"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="streams/safe_subject.py: SafeBehaviorSubject delivers the current value on subscribe() unguarded, "
-    "so a raising state subscriber makes subscribe() raise and is then silently detached for good",
-)
 async def test_a_state_subscriber_that_raises_on_the_current_value_stays_subscribed(
     sim: FacilitatorSimulator,
 ) -> None:
