@@ -59,17 +59,17 @@ class SafeBehaviorSubject(BehaviorSubject[T]):
         class Guarded(abc.ObserverBase[T]):
             first = True
 
-            def on_next(inner, value: T) -> None:  # noqa: N805 - closure over the outer self
+            def on_next(inner, value: T) -> None:
                 if inner.first:
                     inner.first = False
                     _deliver((observer,), value, self.on_subscriber_error)
                 else:
                     observer.on_next(value)
 
-            def on_error(inner, error: Exception) -> None:  # noqa: N805
+            def on_error(inner, error: Exception) -> None:
                 observer.on_error(error)
 
-            def on_completed(inner) -> None:  # noqa: N805
+            def on_completed(inner) -> None:
                 observer.on_completed()
 
         return super()._subscribe_core(Guarded(), scheduler)
