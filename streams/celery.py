@@ -341,8 +341,10 @@ class CeleryDispatcher:
 
     ``consumer`` names this client in the consumer group. It must be the same across restarts (a
     restarted client reads what its predecessor read but never acknowledged) and unique among
-    clients running at once: the default is the host name. Entries pending for another consumer for
-    ``claim_idle`` seconds (a client that is gone) are taken over at start.
+    clients running at once: the default is the host name (give a stable ``consumer`` where the
+    host name changes on restart, as in containers). Entries pending for another consumer for
+    ``claim_idle`` seconds (a client that is gone) are taken over, at start and every ``claim_idle`` s.
+    ``max_unacked`` bounds the entries held in memory: past it, the backlog waits in Redis.
     """
 
     def __init__(
@@ -410,7 +412,7 @@ class CeleryDispatcher:
         self.delivered = 0
         """Entries reported to the client (redelivered ones included)."""
         self.recovered = 0
-        """Entries read from the pending list at (re)start: read before, never acknowledged."""
+        """Entries resent from the pending list: read before (by a predecessor or a vanished consumer), never XACKed."""
         self.acknowledged = 0
         self.malformed = 0
         self.published = 0
@@ -471,7 +473,11 @@ class CeleryDispatcher:
             self.redis_url,
             decode_responses=True,
             socket_connect_timeout=2.0,
-            socket_timeout=self.block_ms / 1000 + 10.0,  # a blocking XREADGROUP must not time out
+            # No socket_timeout: with one, redis-py (8.1, Python 3.11) now and then loses the
+            # cancellation of a blocking XREADGROUP. TCP keepalive finds a dead peer instead.
+            socket_timeout=None,
+            socket_keepalive=True,
+            socket_keepalive_options=_keepalive_options(),
             retry=Retry(NoBackoff(), 0),  # we retry, and say so
         )
         self._task = asyncio.create_task(self._run(), name="celery-status-stream")
@@ -482,6 +488,11 @@ class CeleryDispatcher:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+            _done, pending = await asyncio.wait({task}, timeout=1.0)
+            if pending and self._redis is not None:
+                # A cancellation lost inside the Redis client: failing its connections ends the read.
+                log.warning("the status stream reader did not stop at once; closing its Redis connections")
+                await self._redis.connection_pool.disconnect()
             try:
                 await task
             except asyncio.CancelledError:
@@ -514,6 +525,7 @@ class CeleryDispatcher:
         recover = True
         next_claim = math.inf if self.claim_idle is None else 0.0
         while True:
+            _raise_if_cancelling()
             try:
                 if recover:
                     await self._ensure_group()
@@ -538,6 +550,7 @@ class CeleryDispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                _raise_if_cancelling(exc)
                 # After any failure, read the pending list again: a reply lost with the connection
                 # left entries pending that were never reported (the ones that were are skipped).
                 recover = True
@@ -672,6 +685,7 @@ class CeleryDispatcher:
     async def _ack_loop(self) -> None:
         backoff = self._new_backoff()
         while True:
+            _raise_if_cancelling()
             await self._ack_wake.wait()
             ids = self._to_ack[: self.batch]
             if not ids:
@@ -686,6 +700,7 @@ class CeleryDispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                _raise_if_cancelling(exc)
                 delay = backoff.next_delay()
                 self._fail("ack", exc, backoff.attempt, delay, f"{len(self._to_ack)} acknowledgements waiting")
                 await asyncio.sleep(delay)
@@ -724,6 +739,19 @@ class CeleryDispatcher:
             attempt, delay, exc_info=None if down else exc,  # not an outage: show where it came from
         )
         self._failures.on_next(DispatcherFailure(operation, exc, attempt, delay))
+
+
+def _raise_if_cancelling(cause: BaseException | None = None) -> None:
+    """Re-raise a cancellation that a library swallowed (and maybe turned into another error)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause
+
+
+def _keepalive_options() -> dict[int, int | bytes]:
+    """Probe an idle connection after 10 s, every 5 s, 3 times: a dead Redis is noticed in ~25 s."""
+    wanted = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    return {getattr(socket, name): value for name, value in wanted if hasattr(socket, name)}
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[str, str] | None]]:
@@ -777,6 +805,7 @@ def register_cli(sub: Any) -> dict[str, Command]:
         group = run.add_argument_group("--dispatcher celery (jobs run on Celery workers)")
         group.add_argument("--broker", metavar="URL", help="Redis broker, e.g. redis://127.0.0.1:6379/0")
         group.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue (default {DEFAULT_QUEUE})")
+        group.add_argument("--task-name", default=TASK_NAME, help=f"Celery task run per job (default {TASK_NAME})")
         group.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream of the workers' statuses")
         group.add_argument("--group", default=GROUP, help="consumer group reading the stream")
         group.add_argument("--consumer", default=None,
@@ -802,7 +831,8 @@ def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
         raise CliError("--dispatcher celery needs --broker URL (e.g. redis://127.0.0.1:6379/0)")
     try:
         return CeleryDispatcher(
-            broker, args.queue, stream_key=args.stream_key, group=args.group, consumer=args.consumer
+            broker, args.queue, task_name=args.task_name, stream_key=args.stream_key, group=args.group,
+            consumer=args.consumer,
         )
     except ImportError as exc:
         raise CliError(f"--dispatcher celery needs the celery extra (pip install 'facilitator-streams[celery]'): "

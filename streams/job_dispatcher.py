@@ -159,7 +159,14 @@ class JobDispatcher:
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
         report = self._statuses.open(job.uuid)
-        report(JobStatus.RECEIVED)
+        try:
+            report(JobStatus.RECEIVED)
+        except ValueError as exc:
+            # A uuid that is not a UUID: no status can ever be reported for this job, so it is not
+            # dispatched, and it is reported (JOB_DISPATCH_FAILED) instead of raising into the reader.
+            self._statuses.stop_listener(job.uuid)
+            self._failures.on_next(JobFailure(job.uuid, exc))
+            return
         self._dispatched.on_next(job)
         self._tasks.start(self._run(job, report), job.uuid)
 

@@ -136,6 +136,9 @@ class PerformanceMonitor:
         add(jobs.failures.subscribe(self._on_job_failure))
         add(cheat_reports.subscribe(lambda _report: self.metrics.incr("cheat.reports")))
         add(cheats.failures.subscribe(self._on_cheat_failure))
+        failures = getattr(jobs.dispatcher, "failures", None)  # e.g. CeleryDispatcher: Redis/broker trouble
+        if isinstance(failures, reactivex.Observable):
+            add(failures.subscribe(self._on_dispatcher_failure))
 
     def close(self) -> None:
         self._subscriptions.dispose()
@@ -270,6 +273,16 @@ class PerformanceMonitor:
             EventType.JOB_DISPATCH_FAILED, type(failure.error).__name__,
             f"dispatcher raised for job {failure.job_uuid}: {type(failure.error).__name__}: {failure.error}",
             job_uuid=failure.job_uuid, exception=type(failure.error).__name__, message=str(failure.error)[:500],
+        )
+
+    def _on_dispatcher_failure(self, failure: Exception) -> None:
+        operation = str(getattr(failure, "operation", "dispatcher"))
+        self.metrics.incr(f"dispatcher.failures.{operation}")
+        retry_in = getattr(failure, "retry_in", None)
+        self.emit(
+            EventType.DISPATCHER_FAILED, operation, f"dispatcher {operation} failed: {failure}",
+            operation=operation, exception=type(getattr(failure, "error", failure)).__name__,
+            message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
         )
 
     def _on_cheat_failure(self, failure: CheatHandlerFailure) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 try:
-    import celery  # noqa: F401
+    import celery
     import redis  # noqa: F401
 except ImportError as exc:  # pragma: no cover - make test installs the extra
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
@@ -32,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - make test installs the extra
 
 import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
+from reactivex.subject import Subject
 
 from streams.celery import (
     GROUP,
@@ -42,9 +44,12 @@ from streams.celery import (
     StatusReporter,
     decode_entry,
     encode_entry,
+    make_celery_app,
     play_lifecycle,
+    reporter_for,
 )
 from streams.cli import main as cli_main
+from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.protocol import JobStatus, V2JobRequest, decode
 from streams.simulator import FacilitatorSimulator
 from tests.helpers import FULL_SEQUENCE, fast_config, running_client, wait_until
@@ -128,6 +133,16 @@ def test_stream_entries_round_trip_and_bad_ones_are_refused() -> None:
         encode_entry("not-a-uuid", "accepted")  # refused on the worker: never reaches the stream
     with pytest.raises(ValueError):
         encode_entry(job_uuid, "failed", {"job_failure_details": {"reason": "r"}})  # stage, message required
+
+
+def test_reporter_for_any_celery_app_uses_its_redis_broker() -> None:
+    app = celery.Celery("host-app", broker="redis://127.0.0.1:9/3", set_as_current=False)
+    reporter = reporter_for(app)
+    assert (reporter.redis_url, reporter.stream_key) == ("redis://127.0.0.1:9/3", STREAM_KEY)
+    assert reporter_for(app) is reporter
+    ours = make_celery_app("redis://127.0.0.1:9/0", "q", stream_key="k", redis_url="redis://127.0.0.1:8/1")
+    assert (reporter_for(ours).redis_url, reporter_for(ours).stream_key) == ("redis://127.0.0.1:8/1", "k")
+    assert TASK_NAME in ours.tasks and ours.conf.task_default_queue == "q"
 
 
 class FakeApp:
@@ -252,6 +267,22 @@ def _entries_of(reply: Any) -> list[Any]:
 
 
 @pytest.mark.timeout(30)
+async def test_stop_ends_a_blocking_read_at_once_every_time(services: Any) -> None:
+    """Cancelling a blocked XREADGROUP must never hang stop() (redis-py can lose that cancellation)."""
+    redis_server, _worker = services
+    rng = random.Random(17)
+    for _ in range(60):
+        dispatcher = CeleryDispatcher(redis_server.url, QUEUE, stream_key=f"test-stop-{uuid.uuid4()}", block_ms=1000)
+        dispatcher.bind(JobStatusUpdateManager(), Subject())
+        await dispatcher.start()
+        await asyncio.sleep(rng.uniform(0.0, 0.03))
+        started = time.monotonic()
+        async with asyncio.timeout(3):
+            await dispatcher.stop()
+        assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.timeout(30)
 async def test_malformed_entries_are_reported_and_dropped(stream: aioredis.Redis, services: Any) -> None:
     redis_server, _worker = services
     key = f"test-malformed-{uuid.uuid4()}"
@@ -292,7 +323,9 @@ async def test_client_sigkilled_mid_run_and_restarted_loses_nothing(
             await sim.wait_for(lambda: finished(sim, jobs), 25, "every job completed after the restart")
             await wait_until_async(lambda: stream_drained(stream), 10, "the stream fully acknowledged")
             second.send_signal(signal.SIGTERM)
+            started = time.monotonic()
             assert await asyncio.to_thread(second.wait, 5) == 0
+            assert time.monotonic() - started < 2.0, "the CLI exits within 2 s of SIGTERM"
         assert_in_order(sim, jobs)
         resent = [line for line in (tmp_path / "client-2.log").read_text().splitlines() if "resending" in line]
         print(f"killed with {unfinished}/48 jobs unfinished; connections={sim.connections}; {resent}")

@@ -120,3 +120,30 @@ async def test_a_job_status_stream_ends_at_its_first_final_status() -> None:
             await sim.wait_for(lambda: sim.stored[job_uuid] == ["sent", "received", "rejected"], 5, "stored")
             await asyncio.sleep(0)
             assert sim.stored[other] == ["sent"]
+
+
+async def test_dispatcher_failures_become_events_and_metrics() -> None:
+    from reactivex.subject import Subject
+
+    class Flaky(SimulatedDispatcher):
+        """A dispatcher with a `failures` observable, like the Celery one (Redis trouble)."""
+
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.failures: Subject[Exception] = Subject()
+
+    class Failure(Exception):
+        operation = "read"
+        retry_in = 0.25
+        error = ConnectionError("redis down")
+
+    dispatcher = Flaky()
+    async with FacilitatorSimulator(seed=35) as sim:
+        async with running_client(fast_config(sim.url), dispatcher) as run:
+            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            dispatcher.failures.on_next(Failure("read: ConnectionError: redis down"))
+            event = run.events_of("DISPATCHER_FAILED")[0]
+            assert event.subtype == "read"
+            assert event.data == {"operation": "read", "exception": "ConnectionError",
+                                  "message": "read: ConnectionError: redis down", "retry_in": 0.25}
+            assert run.counters["dispatcher.failures.read"] == 1
