@@ -44,6 +44,7 @@ EVENT_FIELDS: dict[str, set[str]] = {
     "CHEAT_HANDLER_FAILED": {"job_uuid", "exception", "message"},
     "SOURCE_FAILED": {"exception", "message"},
     "SUBSCRIBER_FAILED": {"stream", "exception", "message"},
+    "DISPATCHER_FAILED": {"operation", "exception", "message", "retry_in"},
 }
 
 STAT_LINE = re.compile(r"^(?P<name>[^:|\s]+):(?P<value>-?[0-9.]+)\|(?P<type>c|g|ms)$")
