@@ -493,7 +493,7 @@ def _load_object(frame: object) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise DecodeError.for_frame(_why_not_json(frame, exc), frame) from None
     if not isinstance(obj, dict):
-        raise DecodeError.for_frame(f"frame is JSON but not an object (got {_json_kind(obj)})", frame)
+        raise DecodeError.for_frame(f"frame is JSON but not an object (got {json_kind(obj)})", frame)
     return obj
 
 
@@ -542,7 +542,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:60] + "…"
 
 
-def _json_kind(value: object) -> str:
+def json_kind(value: object) -> str:
     """JSON's name for a parsed value, as the sender would think of it."""
     if isinstance(value, list):
         return "an array"

@@ -62,6 +62,7 @@ from streams.protocol import (
     V0MachineSpecsUpdate,
     decode,
     decode_outbound,
+    json_kind,
     message_kind,
 )
 from streams.recording import FORMAT, VERSION
@@ -199,18 +200,6 @@ class Recording:
 # --------------------------------------------------------------------------- loading
 
 
-def _kind_of_json(value: object) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "null" if value is None else type(value).__name__
-
-
 def _header(obj: dict[str, Any], fail: Callable[[str], ReplayError]) -> Header:
     if "format" not in obj:
         if "t" in obj or "dir" in obj or "event" in obj:
@@ -240,7 +229,7 @@ def _record(obj: dict[str, Any], line: int, fail: Callable[[str], ReplayError]) 
         raise fail('missing field "t" (the time offset in seconds)')
     t = obj["t"]
     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-        raise fail(f'"t" must be a number of seconds, got {_kind_of_json(t)}: {t!r}')
+        raise fail(f'"t" must be a number of seconds, got {json_kind(t)}: {t!r}')
     if t < 0:
         raise fail(f'negative time: "t" is {t}')
     t = float(t)
@@ -252,11 +241,11 @@ def _record(obj: dict[str, Any], line: int, fail: Callable[[str], ReplayError]) 
         if "frame" in obj:
             frame: str | bytes = obj["frame"]
             if not isinstance(frame, str):
-                raise fail(f'"frame" must be a string, got {_kind_of_json(frame)}')
+                raise fail(f'"frame" must be a string, got {json_kind(frame)}')
         elif "frame_b64" in obj:
             encoded = obj["frame_b64"]
             if not isinstance(encoded, str):
-                raise fail(f'"frame_b64" must be a base64 string, got {_kind_of_json(encoded)}')
+                raise fail(f'"frame_b64" must be a base64 string, got {json_kind(encoded)}')
             try:
                 frame = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError) as exc:
@@ -267,7 +256,7 @@ def _record(obj: dict[str, Any], line: int, fail: Callable[[str], ReplayError]) 
     if "event" in obj:
         event = obj["event"]
         if not isinstance(event, str):
-            raise fail(f'"event" must be a string, got {_kind_of_json(event)}')
+            raise fail(f'"event" must be a string, got {json_kind(event)}')
         if event == "open":
             return ConnectionEvent(t, _conn(obj, fail), "open", line=line)
         if event == "close":
@@ -276,10 +265,10 @@ def _record(obj: dict[str, Any], line: int, fail: Callable[[str], ReplayError]) 
                 raise fail('missing field "code" in a close event (null if there was none)')
             code = obj["code"]
             if code is not None and (isinstance(code, bool) or not isinstance(code, int)):
-                raise fail(f'"code" must be an integer or null, got {_kind_of_json(code)}: {code!r}')
+                raise fail(f'"code" must be an integer or null, got {json_kind(code)}: {code!r}')
             reason = obj.get("reason", "")
             if not isinstance(reason, str):
-                raise fail(f'"reason" must be a string, got {_kind_of_json(reason)}')
+                raise fail(f'"reason" must be a string, got {json_kind(reason)}')
             return ConnectionEvent(t, conn, "close", code, reason, line)
         return OtherEvent(t, event, obj, line)
     raise fail('a record needs "dir" (a frame) or "event" (a connection change)')
@@ -334,7 +323,7 @@ def load_recording(path: str | Path, *, allow_truncated: bool = False) -> Record
                 ) from None
             raise fail(f"not JSON ({exc})") from None
         if not isinstance(obj, dict):
-            raise fail(f"expected a JSON object, got {_kind_of_json(obj)}")
+            raise fail(f"expected a JSON object, got {json_kind(obj)}")
         if header is None:
             header = _header(obj, fail)
             continue
