@@ -141,19 +141,24 @@ class Counter:
             await self._event.wait()
 
 
-async def until_connected(client: FacilitatorClient, timeout: float = 10.0) -> None:
-    connected = asyncio.Event()
+async def until_state(client: FacilitatorClient, wanted: ConnectionState, timeout: float = 10.0) -> None:
+    """Wait until the client's connection state is ``wanted`` (at once if it already is)."""
+    reached = asyncio.Event()
 
     def on_state(state: ConnectionState) -> None:
-        if state is ConnectionState.CONNECTED:
-            connected.set()
+        if state is wanted:
+            reached.set()
 
-    subscription = client.state.subscribe(on_state)
+    subscription = client.state.subscribe(on_state)  # a BehaviorSubject: the current state comes first
     try:
         async with asyncio.timeout(timeout):
-            await connected.wait()
+            await reached.wait()
     finally:
         subscription.dispose()
+
+
+async def until_connected(client: FacilitatorClient, timeout: float = 10.0) -> None:
+    await until_state(client, ConnectionState.CONNECTED, timeout)
 
 
 def quantile(samples: list[float], q: float) -> float:

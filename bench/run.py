@@ -1,0 +1,196 @@
+"""``python -m bench``: run the five benchmarks and print one markdown table.
+
+    python -m bench [--rounds 3] [--quick] [--profile FILE] [--json FILE]
+
+``--profile FILE`` also runs one client throughput run under pyinstrument and writes its text
+report to FILE (the figures in the table come from runs without the profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import ROOT, median
+from bench.latency import Latency, latency_run
+from bench.recovery import Recovery, recovery_run
+from bench.shutdown import Shutdown, shutdown_run
+from bench.throughput import Run, client_run, compare
+
+TARGET_RATIO = 0.7
+TARGET_BYTES = 512
+TARGET_P99 = 0.002
+TARGET_SHUTDOWN = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    throughput: int = 20_000
+    memory: int = 100_000
+    recovery: int = 10_000
+    latency_rate: float = 1_000.0
+    latency_seconds: float = 5.0
+    shutdown_queued: int = 1_000
+    shutdown_runs: int = 3
+
+
+QUICK = Sizes(throughput=5_000, memory=20_000, recovery=2_000, latency_seconds=1.0, shutdown_runs=1)
+
+
+async def memory_run(mode: str, count: int) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.memory", "--mode", mode, "--count", str(count),
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.memory --mode {mode} failed with {proc.returncode}")
+    result: dict[str, float] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = f"{os.cpu_count()} CPUs" + (f" ({model})" if model else "")
+    return f"{cpu}, {platform.machine()}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def _ok(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def table(
+    sizes: Sizes,
+    baselines: list[Run],
+    clients: list[Run],
+    memory: dict[str, dict[str, float]],
+    recovery: Recovery,
+    latency: Latency,
+    shutdowns: list[Shutdown],
+    when: str,
+) -> str:
+    base_rate = median([r.rate for r in baselines])
+    client_rate = median([r.rate for r in clients])
+    ratio = client_rate / base_rate
+    base_cpu = median([r.cpu_us_per_msg for r in baselines])
+    client_cpu = median([r.cpu_us_per_msg for r in clients])
+    sim_cpu = median([r.sim_cpu_us_per_msg for r in baselines + clients])
+    traced = memory["tracemalloc"]["bytes_per_message"]
+    rss = memory["rss"]["bytes_per_message"]
+    frame = memory["rss"]["held_frame_bytes_per_message"]
+    same_count = recovery.count / client_rate
+    recovery_ratio = recovery.seconds / same_count
+    exits = [s.seconds for s in shutdowns]
+    pending = min(s.pending for s in shutdowns)
+    clean = all(s.returncode in (0, 130) and not s.warnings for s in shutdowns)
+    n = len(clients)
+    rows = [
+        "| # | benchmark | result | target | met |",
+        "| --- | --- | --- | --- | --- |",
+        f"| 1 | Throughput: {sizes.throughput:,} JobStatusUpdates, every Response read "
+        f"| client **{client_rate:,.0f} msgs/s**, plain websockets {base_rate:,.0f} msgs/s: "
+        f"**ratio {ratio:.2f}** (median of {n} alternating runs each; CPU per update: client "
+        f"{client_cpu:.0f} µs, baseline {base_cpu:.0f} µs, simulator {sim_cpu:.0f} µs) "
+        f"| ratio ≥ {TARGET_RATIO} | {_ok(ratio >= TARGET_RATIO)} |",
+        f"| 2 | Memory: {sizes.memory:,} status updates held while disconnected "
+        f"| **{traced:.0f} B/msg** (tracemalloc), **{rss:.0f} B/msg** (RSS); the frame text itself is "
+        f"{frame:.0f} B | ≤ {TARGET_BYTES} B/msg | {_ok(max(traced, rss) <= TARGET_BYTES)} |",
+        f"| 3 | Recovery: facilitator down with a {recovery.count:,}-update backlog, then up "
+        f"| all acknowledged **{recovery.seconds:.2f} s** after it listens again (reconnected and "
+        f"authenticated after {recovery.reconnect_seconds * 1000:.0f} ms) = **{recovery_ratio:.2f}×** "
+        f"the throughput run's time for the same count ({same_count:.2f} s) | report | — |",
+        f"| 4 | Latency: enqueue-to-wire at {latency.rate:,.0f} msgs/s, connected "
+        f"| p50 **{latency.p50 * 1000:.2f} ms**, p99 **{latency.p99 * 1000:.2f} ms** "
+        f"(max {latency.max * 1000:.1f} ms; {latency.count:,} updates at {latency.achieved_rate:,.0f}/s) "
+        f"| p99 ≤ {TARGET_P99 * 1000:.0f} ms | {_ok(latency.p99 <= TARGET_P99)} |",
+        f"| 5 | Shutdown: SIGINT to `python -m streams run` with {sizes.shutdown_queued:,} updates queued "
+        f"| exit after **{median(exits):.2f} s** (max {max(exits):.2f} s of {len(exits)}); {pending:,} "
+        f"pending updates reported on the way out; "
+        f"{'exit status 0, no asyncio warnings' if clean else 'WARNINGS or a bad exit status'} "
+        f"| ≤ {TARGET_SHUTDOWN:.0f} s | {_ok(max(exits) <= TARGET_SHUTDOWN and clean)} |",
+    ]
+    notes = [
+        "",
+        f"Measured {when} on {machine()}, all five in one `make bench` run.",
+        "The facilitator simulator (`bench.simserver`) runs in its own process for every run; the client "
+        "under test and the baseline run in the benchmark process, one after the other, alternating, each "
+        "against a fresh simulator process, with the same frames, the same in-flight window (1,000) and "
+        "reading every Response. Throughput is timed from the first update handed over to the last "
+        "Response read; CPU is per process (the machine is shared, so CPU per update is the steadier figure). "
+        "Latency is timed from just before `report(status)` to the return of the frame's `ws.send`. "
+        "Reconnect backoff is capped at 50 ms in 3; the shutdown simulator stops reading right after auth.",
+    ]
+    return "\n".join(rows + notes)
+
+
+async def profile_throughput(count: int, path: Path) -> None:
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        raise SystemExit("--profile needs pyinstrument: .venv/bin/pip install pyinstrument") from None
+
+    profiler = Profiler(async_mode="disabled")
+    profiler.start()
+    try:
+        await client_run(count)
+    finally:
+        profiler.stop()
+    text = profiler.output_text(unicode=True, color=False, show_all=False)
+    await asyncio.to_thread(path.write_text, text)
+
+
+async def main(args: argparse.Namespace) -> int:
+    sizes = QUICK if args.quick else Sizes()
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    def say(what: str) -> None:
+        print(f"… {what}", file=sys.stderr, flush=True)
+
+    say(f"throughput: {args.rounds} × (baseline, client), {sizes.throughput:,} updates each")
+    baselines, clients = await compare(sizes.throughput, args.rounds)
+    say("memory: tracemalloc and RSS, a fresh process each")
+    memory = {mode: await memory_run(mode, sizes.memory) for mode in ("tracemalloc", "rss")}
+    say(f"recovery: {sizes.recovery:,}-update backlog")
+    recovery = await recovery_run(sizes.recovery)
+    say(f"latency: {sizes.latency_rate:,.0f} msgs/s for {sizes.latency_seconds:g} s")
+    latency = await latency_run(sizes.latency_rate, sizes.latency_seconds)
+    say(f"shutdown: {sizes.shutdown_runs} × SIGINT with {sizes.shutdown_queued:,} queued")
+    shutdowns = [await shutdown_run(sizes.shutdown_queued) for _ in range(sizes.shutdown_runs)]
+    if args.profile is not None:
+        say(f"profile: one client throughput run under pyinstrument -> {args.profile}")
+        await profile_throughput(sizes.throughput, args.profile)
+    print(table(sizes, baselines, clients, memory, recovery, latency, shutdowns, when))
+    if args.json is not None:
+        raw: dict[str, Any] = {
+            "when": when, "machine": machine(),
+            "throughput": {"baseline": [asdict(r) for r in baselines], "client": [asdict(r) for r in clients]},
+            "memory": memory, "recovery": asdict(recovery), "latency": asdict(latency),
+            "shutdown": [asdict(s) for s in shutdowns],
+        }
+        args.json.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="facilitator-streams benchmarks")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput runs per side (alternating)")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of a client throughput run")
+    parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
+    return asyncio.run(main(parser.parse_args(argv)))
