@@ -106,6 +106,7 @@ class ConnectionManager:
         self._connection_id = 0
         self._attempt = 0
         self._last_down: float | None = None
+        self._connected_at = 0.0
 
     # -- observables -------------------------------------------------------------------------
     @property
@@ -152,6 +153,12 @@ class ConnectionManager:
         finally:
             if self._transport.is_connected():
                 self._transport.abort()
+            if self._state.value is ConnectionState.CONNECTED:
+                # Cancelled while connected (a teardown whose close did not finish in time): the
+                # disconnect is still explained, like every other one.
+                ended = self._clock()
+                info = self._transport.close_info or CloseInfo(None, "client stopped; connection aborted", None)
+                self._changes.on_next(Disconnected(self._connection_id, info, ended - self._connected_at, None))
             self._set_state(ConnectionState.DISCONNECTED)
 
     async def stop(self) -> None:
@@ -199,7 +206,7 @@ class ConnectionManager:
             return delay
 
         self._connection_id += 1
-        now = self._clock()
+        now = self._connected_at = self._clock()
         downtime = None if self._last_down is None else now - self._last_down
         self._backoff.connection_up(now)
         self._changes.on_next(Connected(self._connection_id, now - started, downtime))

@@ -330,3 +330,14 @@ async def test_cancellation_tears_down_within_a_second_plus_drain() -> None:
         took = time.monotonic() - started
         assert took < 1.0 + client.config.cancel_drain_timeout + 0.5
         assert not [t for t in asyncio.all_tasks() - before if not server_side(t)]
+
+
+async def test_a_teardown_whose_close_hangs_still_reports_the_disconnect() -> None:
+    async with FacilitatorSimulator(seed=13) as sim:
+        async with running_client(fast_config(sim.url, close_timeout=0.2)) as run:
+            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await sim.stall()  # the close handshake will never complete
+        disconnected = run.events_of("DISCONNECTED")
+        assert len(disconnected) == 1, [e.description for e in run.events]
+        assert disconnected[0].data["retry_in"] is None
+        assert disconnected[0].data["lived"] > 0
