@@ -193,7 +193,7 @@ class FacilitatorClient:
         self.monitor.watch(
             connection=self.connection,
             messages=self.messages,
-            inbound=reactivex.merge(*inbound.branches.values()),
+            inbound=inbound.branches.values(),
             jobs=self.jobs,
             cheats=self.cheats,
             cheat_reports=cheat_reports,

@@ -231,7 +231,6 @@ class MessageManager:
             ops.map(_is_connected), ops.distinct_until_changed()
         )
 
-        merged: reactivex.Observable[OutboundMessage] = reactivex.merge(*self._sources)
         data: Subject[Envelope] = Subject()
         outbox = data.pipe(
             hold_while_disconnected(
@@ -258,7 +257,10 @@ class MessageManager:
             match_acks(self._for_ack, self._responses, connected).subscribe(self._on_ack_event)
         )
         self._subscriptions.add(outbox.subscribe(self._to_wire))
-        self._subscriptions.add(merged.subscribe(route))
+        # The merge of the sources: each feeds ``route`` directly (all on the loop thread, so the
+        # interleaving is arrival order; reactivex.merge would add a lock per message).
+        for source in self._sources:
+            self._subscriptions.add(source.subscribe(route))
 
     async def run(self) -> None:
         """The send loop: the only writer of frames. Runs until cancelled."""
@@ -396,7 +398,7 @@ class MessageManager:
 
     def _on_held_depth(self, count: int, size: int) -> None:
         self._held, self._held_bytes = count, size
-        self._publish_depth()
+        self._publish_depth_soon()
 
     def _publish_depth(self) -> None:
         if self._quiet_depth:
@@ -414,8 +416,13 @@ class MessageManager:
         """
         self._changed.set()
         if not self._depth_soon:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # fed from outside the loop (tests): publish at once
+                self._publish_depth()
+                return
             self._depth_soon = True
-            asyncio.get_running_loop().call_soon(self._flush_depth)
+            loop.call_soon(self._flush_depth)
 
     def _flush_depth(self) -> None:
         self._depth_soon = False

@@ -8,7 +8,7 @@ DISCONNECTED event that says why: close code and reason, exception, lifetime, wh
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import reactivex
 from reactivex.disposable import CompositeDisposable
@@ -110,7 +110,7 @@ class PerformanceMonitor:
         *,
         connection: ConnectionManager,
         messages: MessageManager,
-        inbound: reactivex.Observable[Decoded[InboundMessage] | Malformed],
+        inbound: Iterable[reactivex.Observable[Decoded[InboundMessage] | Malformed]],
         jobs: JobDispatcher,
         cheats: CheatReportHandler,
         cheat_reports: reactivex.Observable[V0JobCheated],
@@ -129,7 +129,8 @@ class PerformanceMonitor:
         add(messages.send_failures.subscribe(lambda e: self.metrics.incr(f"messages.send_failed.{e.kind}")))
         add(messages.unexpected_responses.subscribe(self._on_unexpected))
         add(messages.depth.subscribe(self._on_depth))
-        add(inbound.subscribe(self._on_inbound))
+        for branch in inbound:  # each branch of the partition (no merge lock per frame)
+            add(branch.subscribe(self._on_inbound))
         add(jobs.dispatched.subscribe(self._on_dispatched))
         add(jobs.finished.subscribe(self._on_job_finished))
         add(jobs.duplicates.subscribe(lambda job: self.metrics.incr("jobs.duplicates")))

@@ -573,6 +573,8 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
             run.client.statuses.open(job_uuid)("received")
         dropped = run.events_of("MESSAGE_DROPPED")
         counters = run.counters
+        # Depth gauges are published once per event-loop iteration, not per message.
+        await wait_until(lambda: run.client.metrics.gauge_value("outbox.depth") == 3, 2, "outbox.depth 3")
         depth = run.client.metrics.gauge_value("outbox.depth")
     assert len(dropped) == 2
     for event, job_uuid in zip(dropped, jobs[:2], strict=True):

@@ -535,7 +535,8 @@ async def test_slow_facilitator_window_and_outbox_bound_hold_and_nothing_is_lost
         assert {j for j in second if j in sim.stored} == delivered
         # The window and the bound held throughout, as the client saw it and as the facilitator saw it.
         assert log.max_in_flight == window, log.max_in_flight
-        assert log.max_held == bound, log.max_held
+        # (depth is published once per loop iteration: the peak is checked exactly at step 2 above)
+        assert log.max_held <= bound, log.max_held
         assert max(_outstanding(sim, c) for c in sim.connection_log) <= window
         assert sim.connections == 1 and not log.requeues, "slow acks are not a reason to reconnect or resend"
 
