@@ -161,8 +161,14 @@ async def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
     """Run ``main`` in a task that SIGINT/SIGTERM cancel (its teardown then runs)."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(main())
+
+    def cancel_once() -> None:
+        # A second Ctrl-C must not cut the (bounded) teardown short and leave tasks behind.
+        if not task.cancelling():
+            task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, cancel_once)
     try:
         await task
     except asyncio.CancelledError:
