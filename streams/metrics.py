@@ -7,6 +7,7 @@ UDP and fire-and-forget, and every call here is guarded.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -43,11 +44,14 @@ class Metrics:
         self._timing_counts: dict[str, int] = {}
         self._statsd: statsd.StatsClient | None = None
         self._statsd_failed = False
+        self._flush_scheduled = False
+        self._pipeline: Any = None
         if statsd_host:
             try:
                 if not 0 < statsd_port < 65536:  # getaddrinfo would silently wrap it around
                     raise ValueError(f"port {statsd_port} is out of range")
                 self._statsd = statsd.StatsClient(statsd_host, statsd_port, prefix=prefix)
+                self._pipeline = self._statsd.pipeline()
             except Exception as exc:  # unresolvable (OSError), malformed name (UnicodeError), bad port
                 log.warning("statsd %s:%s unusable, metrics stay in memory: %s", statsd_host, statsd_port, exc)
 
@@ -77,11 +81,37 @@ class Metrics:
         if self._statsd is None:
             return
         try:
-            getattr(self._statsd, method)(name, value)
+            getattr(self._pipeline, method)(name, value)
         except Exception as exc:  # statsd must never break the client
-            if not self._statsd_failed:
-                log.warning("statsd send failed (further failures are silent): %s", exc)
-                self._statsd_failed = True
+            self._statsd_error(exc)
+            return
+        if not self._flush_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a host's thread, tests): send at once
+                self.flush()
+                return
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what was recorded since the last flush, packed into few UDP datagrams.
+
+        Called once per event-loop iteration: one datagram per metric call would cost a system
+        call each, several per status update at full speed.
+        """
+        self._flush_scheduled = False
+        if self._statsd is None:
+            return
+        try:
+            self._pipeline.send()
+        except Exception as exc:  # statsd must never break the client
+            self._statsd_error(exc)
+
+    def _statsd_error(self, exc: Exception) -> None:
+        if not self._statsd_failed:
+            log.warning("statsd send failed (further failures are silent): %s", exc)
+            self._statsd_failed = True
 
     # -- reading --------------------------------------------------------------------------------
     def counter(self, name: str) -> float:
@@ -108,6 +138,7 @@ class Metrics:
         return {"counters": dict(self._counters), "gauges": dict(self._gauges), "timings": timings}
 
     def close(self) -> None:
+        self.flush()
         if self._statsd is not None:
             try:
                 self._statsd.close()

@@ -6,6 +6,8 @@ in for statsd. Waits are condition waits with timeouts; no test sleeps for a fix
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -801,3 +803,29 @@ async def test_a_config_without_statsd_keeps_metrics_in_memory() -> None:
         "gauges": {},
         "timings": {"t": {"count": 1, "mean": 0.5, "p50": 0.5, "p99": 0.5, "max": 0.5}},
     }
+
+
+async def test_statsd_lines_are_batched_per_loop_iteration() -> None:
+    """One datagram per metric call would be a system call each; they go out packed, once per iteration."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        metrics = Metrics("127.0.0.1", listener.getsockname()[1], prefix="batch")
+        for n in range(50):
+            metrics.incr("messages.sent.V0JobStatusUpdate")
+            metrics.timing("latency.ack", n / 1000)
+        datagrams: list[bytes] = []
+        deadline = time.monotonic() + 2
+        while sum(d.count(b"\n") + 1 for d in datagrams) < 100 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # let the scheduled flush run, then read what arrived
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    datagrams.append(listener.recv(65536))
+        lines = [line for d in datagrams for line in d.decode().split("\n")]
+        assert len(lines) == 100
+        assert lines[0] == "batch.messages.sent.V0JobStatusUpdate:1|c"
+        assert len(datagrams) < 20, "packed into few datagrams (512-byte UDP payloads)"
+        metrics.close()
+    finally:
+        listener.close()
