@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import reactivex
 from reactivex import operators as ops
-from reactivex.abc import DisposableBase
 from reactivex.disposable import CompositeDisposable
 from reactivex.subject import BehaviorSubject, Subject
 
@@ -428,7 +427,3 @@ class MessageManager:
         self._depth_soon = False
         if not self._depth.is_stopped:
             self._publish_depth()
-
-    @property
-    def subscriptions(self) -> DisposableBase:
-        return self._subscriptions

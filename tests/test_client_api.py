@@ -147,3 +147,22 @@ async def test_dispatcher_failures_become_events_and_metrics() -> None:
             assert event.data == {"operation": "read", "exception": "ConnectionError",
                                   "message": "read: ConnectionError: redis down", "retry_in": 0.25}
             assert run.counters["dispatcher.failures.read"] == 1
+
+
+async def test_enqueue_sends_in_order_and_retry_goes_to_the_front() -> None:
+    from streams.message_manager import envelope_of
+    from streams.protocol import JobStatusUpdate
+
+    async with FacilitatorSimulator(seed=36, accept_unknown_jobs=True) as sim:
+        async with running_client(fast_config(sim.url, backoff_cap=0.2)) as run:
+            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            sim.refuse_next_auth("signature_invalid", times=2)
+            await sim.drop()
+            await wait_until(lambda: not run.client.connection.is_connected, 5, "disconnected")
+            jobs = [f"00000000-0000-4000-8000-00000000000{n}" for n in range(3)]
+            run.client.messages.enqueue(JobStatusUpdate(uuid=jobs[0], status=JobStatus.RECEIVED))
+            run.client.messages.enqueue(JobStatusUpdate(uuid=jobs[1], status=JobStatus.RECEIVED))
+            urgent = envelope_of(JobStatusUpdate(uuid=jobs[2], status=JobStatus.RECEIVED), 0.0)
+            run.client.messages.retry(urgent)
+            await sim.wait_for(lambda: len(sim.frames_of("V0JobStatusUpdate")) == 3, 10, "three updates")
+            assert [f["uuid"] for f in sim.frames_of("V0JobStatusUpdate")] == [jobs[2], jobs[0], jobs[1]]
