@@ -296,7 +296,9 @@ def print_summary(result: DemoResult, out: TextIO = sys.stdout) -> None:
         ("inbound", f"{result.cheat_reports} cheat reports, {result.malformed} malformed frames reported"),
     ]
     if result.recording is not None:
-        rows.append(("recording", f"{result.recording}  (python -m streams replay {result.recording})"))
+        rows.append(("recording", str(result.recording)))
+        rows.append(("explore", f"python -m streams replay {result.recording}   |   "
+                                f"make notebook RECORDING={result.recording}"))
     width = max(len(name) for name, _ in rows)
     out.write("\nfacilitator-streams demo — summary\n")
     out.write(f"{'-' * (width + 2)}\n")
