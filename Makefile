@@ -32,7 +32,8 @@ test: lint typecheck
 # Open the replay notebook (on RECORDING=path, default: the shipped demo recording).
 notebook: $(STAMP)
 	$(PY) -c "import notebook" 2>/dev/null || $(PY) -m pip install -q -e '.[jupyter]'
-	FACILITATOR_RECORDING=$(RECORDING) $(VENV)/bin/jupyter notebook notebooks/replay_recorded_traffic.ipynb
+	FACILITATOR_RECORDING=$(RECORDING) $(VENV)/bin/jupyter notebook --ip 127.0.0.1 \
+		$(if $(filter 0,$(shell id -u)),--allow-root) notebooks/replay_recorded_traffic.ipynb
 
 bench: $(STAMP)
 	$(PY) -m bench
