@@ -196,14 +196,17 @@ class _Connection:
     watchdog: asyncio.TimerHandle | None = None
     """The one timer that bounds sends on this connection (see WebSocketTransport.send)."""
     send_timed_out: bool = False
+    keepalive: asyncio.Task[None] | None = None
+    """Pings the peer every ping_interval; aborts the link when a pong is late (see _keepalive)."""
 
 
 class WebSocketTransport(Transport):
     """A :class:`Transport` over the websockets library (new asyncio API).
 
-    Keepalive is websockets' own: a peer that stops answering pings is failed with 1011 "keepalive
-    ping timeout" after ``ping_interval + ping_timeout``; the connection then ends once the unanswered
-    close handshake gives up, ``close_timeout`` later. ``headers`` go with every opening handshake
+    Keepalive is ours, not websockets': a peer that does not answer a ping within ``ping_timeout``
+    ends the connection at once, 1011 "keepalive ping timeout", within ``ping_interval +
+    ping_timeout`` of going silent (websockets' own would then wait ``close_timeout`` more for a close
+    handshake that a half-open link never completes). ``headers`` go with every opening handshake
     (X-Validator-Version, X-Validator-Runner-Version).
     """
 
@@ -229,6 +232,8 @@ class WebSocketTransport(Transport):
         self._close_timeout = close_timeout
         self._send_timeout = send_timeout
         self._conn: _Connection | None = None
+        self._last_conn: _Connection | None = None
+        """The most recent connection, kept after it ended so teardown can release it fully."""
         self._connecting = False
         self._close_info: CloseInfo | None = None
 
@@ -257,8 +262,7 @@ class WebSocketTransport(Transport):
                 self.url,
                 additional_headers=self._headers,
                 max_size=self._max_size,
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_timeout,
+                ping_interval=None,  # see _keepalive
                 open_timeout=self._open_timeout,
                 close_timeout=self._close_timeout,
             )
@@ -267,9 +271,29 @@ class WebSocketTransport(Transport):
             raise TransportConnectError(self._close_info) from exc
         finally:
             self._connecting = False
-        self._conn = _Connection(ws)
-        self._last_ws = ws
+        self._conn = self._last_conn = conn = _Connection(ws)
         self._close_info = None
+        if self._ping_interval is not None and self._ping_timeout is not None:
+            conn.keepalive = asyncio.get_running_loop().create_task(
+                self._keepalive(conn, self._ping_interval, self._ping_timeout), name="transport-keepalive"
+            )
+
+    async def _keepalive(self, conn: _Connection, interval: float, timeout: float) -> None:
+        """Owned by the connection: cancelled when it ends, awaited by wait_closed()."""
+        ws = conn.ws
+        while conn.info is None:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(timeout):  # the ping's own write counts: a stalled peer blocks it
+                    pong = await ws.ping()
+                    await pong
+            except ConnectionClosed:
+                return
+            except TimeoutError:
+                error = ConnectionClosedError(Close(1011, "keepalive ping timeout"), None)
+                self._ended(conn, CloseInfo(1011, "keepalive ping timeout", error))
+                ws.transport.abort()
+                return
 
     def _connect_failure(self, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
@@ -289,6 +313,8 @@ class WebSocketTransport(Transport):
         if conn.watchdog is not None:
             conn.watchdog.cancel()
             conn.watchdog = None
+        if conn.keepalive is not None and conn.keepalive is not asyncio.current_task():
+            conn.keepalive.cancel()
         if conn.info is None:
             conn.info = info
         if self._conn is conn:
@@ -370,9 +396,9 @@ class WebSocketTransport(Transport):
     def abort(self) -> None:
         conn = self._conn
         if conn is None:
-            last = getattr(self, "_last_ws", None)
-            if last is not None and last.state is not State.CLOSED:
-                last.transport.abort()  # a closing handshake that nobody waits for any more
+            last = self._last_conn
+            if last is not None and last.ws.state is not State.CLOSED:
+                last.ws.transport.abort()  # a closing handshake that nobody waits for any more
             return
         if conn.ws.state is State.CLOSED:  # already over: keep the real reason
             self._settle(conn)
@@ -381,12 +407,13 @@ class WebSocketTransport(Transport):
         self._ended(conn, CloseInfo(ABNORMAL_CLOSURE, "connection aborted by the client", None))
 
     async def wait_closed(self) -> None:
-        ws = getattr(self, "_last_ws", None)
-        if ws is not None:
-            await ws.wait_closed()
-            keepalive = ws.keepalive_task  # cancelled by connection_lost; let it finish
-            if keepalive is not None and not keepalive.done():
-                await asyncio.wait([keepalive])
+        conn = self._last_conn
+        if conn is None:
+            return
+        await conn.ws.wait_closed()
+        if conn.keepalive is not None:
+            conn.keepalive.cancel()
+            await asyncio.wait([conn.keepalive])
 
     def is_connected(self) -> bool:
         """True while the connection is open (a closing one no longer counts)."""

@@ -123,7 +123,7 @@ async def test_auth_refused_then_accepted_retries_at_cap_with_the_facilitators_t
 
 async def test_stall_is_detected_and_the_client_reconnects() -> None:
     async with FacilitatorSimulator(seed=4) as sim:
-        config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=0.3)
+        config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=2.0)
         async with running_client(config) as run:
             await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
             stalled_at = time.monotonic()
@@ -133,8 +133,8 @@ async def test_stall_is_detected_and_the_client_reconnects() -> None:
             disconnected = run.events_of("DISCONNECTED")[0]
             assert disconnected.data["close_code"] == 1011
             assert "keepalive" in disconnected.description
-            # ping interval + ping timeout + close timeout + backoff cap, with a margin for a busy machine
-            assert took < 0.2 + 0.2 + 0.3 + 0.05 + 2.0
+            # ping interval + ping timeout + backoff cap (no close timeout), with a margin for a busy machine
+            assert took < 0.2 + 0.2 + 0.05 + 1.0
 
 
 async def test_heartbeats_first_after_auth_periodic_and_not_piled_up() -> None:
