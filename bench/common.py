@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 from bittensor_wallet import Keypair
 
-from streams import ClientConfig, FacilitatorClient
+from streams import ClientConfig, FacilitatorClient, SimulatedDispatcher
 from streams.events import ConnectionState
 from streams.protocol import JobStatus, JobStatusUpdate, encode
 
@@ -168,3 +169,16 @@ def quantile(samples: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+@contextlib.asynccontextmanager
+async def running_client(url: str, name: str, **config: Any) -> AsyncIterator[FacilitatorClient]:
+    """A client started against ``url`` and connected; stopped (and its task awaited) on exit."""
+    client = FacilitatorClient(bench_config(url, **config), signer=ALICE, dispatcher=SimulatedDispatcher(0))
+    task = asyncio.create_task(client.start(), name=name)
+    try:
+        await until_connected(client)
+        yield client
+    finally:
+        await client.stop()
+        await task

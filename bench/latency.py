@@ -13,8 +13,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from bench.common import ALICE, SimProcess, bench_config, quantile, until_connected, workload
-from streams import FacilitatorClient, SimulatedDispatcher
+from bench.common import SimProcess, quantile, running_client, workload
 from streams.job_status_update_manager import Report
 from streams.message_manager import Sent
 
@@ -48,10 +47,7 @@ async def latency_run(rate: float, seconds: float, warmup: int = 500) -> Latency
                 done.set()
 
     async with SimProcess("--accept-unknown-jobs") as sim:
-        client = FacilitatorClient(bench_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0))
-        task = asyncio.create_task(client.start(), name="bench-latency-client")
-        try:
-            await until_connected(client)
+        async with running_client(sim.url, "bench-latency-client") as client:
             client.messages.sent.subscribe(on_sent)
             reporters: dict[str, Report] = {}
             begin = clock()
@@ -71,9 +67,6 @@ async def latency_run(rate: float, seconds: float, warmup: int = 500) -> Latency
             elapsed = clock() - first_counted
             async with asyncio.timeout(10):
                 await done.wait()
-        finally:
-            await client.stop()
-            await task
     return Latency(
         rate, len(samples), quantile(samples, 0.5), quantile(samples, 0.99), max(samples),
         (total - warmup) / elapsed,

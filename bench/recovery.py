@@ -14,16 +14,15 @@ import time
 from dataclasses import dataclass
 
 from bench.common import (
-    ALICE,
     Counter,
     SimProcess,
-    bench_config,
     enqueue,
+    running_client,
     until_connected,
     until_state,
     workload,
 )
-from streams import ConnectionState, FacilitatorClient, SimulatedDispatcher
+from streams import ConnectionState
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +37,7 @@ class Recovery:
 async def recovery_run(count: int) -> Recovery:
     updates = workload(count, seed=2)
     async with SimProcess("--accept-unknown-jobs") as sim:
-        client = FacilitatorClient(bench_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0))
-        task = asyncio.create_task(client.start(), name="bench-recovery-client")
-        try:
-            await until_connected(client)
+        async with running_client(sim.url, "bench-recovery-client") as client:
             await sim.command("down")
             await until_state(client, ConnectionState.DISCONNECTED)
             enqueue(client, updates)
@@ -58,9 +54,6 @@ async def recovery_run(count: int) -> Recovery:
             seconds = time.perf_counter() - t0
             counters = client.metrics.snapshot()["counters"]
             assert counters.get("acks.success") == count, counters
-        finally:
-            await client.stop()
-            await task
         stats = await sim.command("stats")
     assert stats["stored"] == count, stats
     return Recovery(count, seconds, reconnect_seconds)

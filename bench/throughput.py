@@ -22,10 +22,9 @@ from bench.common import (
     bench_config,
     enqueue,
     frames_of,
-    until_connected,
+    running_client,
     workload,
 )
-from streams import FacilitatorClient, SimulatedDispatcher
 from streams.protocol import V0AuthenticationRequest, encode
 
 
@@ -86,12 +85,7 @@ async def baseline_run(count: int, window: int) -> Run:
 async def client_run(count: int, **config: Any) -> Run:
     updates = workload(count)
     async with SimProcess("--accept-unknown-jobs") as sim:
-        client = FacilitatorClient(
-            bench_config(sim.url, **config), signer=ALICE, dispatcher=SimulatedDispatcher(0)
-        )
-        task = asyncio.create_task(client.start(), name="bench-client")
-        try:
-            await until_connected(client)
+        async with running_client(sim.url, "bench-client", **config) as client:
             acks = Counter()
             client.messages.acks.subscribe(acks)
             sim_cpu0 = (await sim.command("stats"))["cpu"]
@@ -102,9 +96,6 @@ async def client_run(count: int, **config: Any) -> Run:
             sim_cpu = (await sim.command("stats"))["cpu"] - sim_cpu0
             counters = client.metrics.snapshot()["counters"]
             assert counters.get("acks.success") == count, counters
-        finally:
-            await client.stop()
-            await task
         stats = await sim.command("stats")
     assert stats["stored"] == count, stats
     return Run("client", count, seconds, cpu, sim_cpu)
