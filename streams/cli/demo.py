@@ -12,6 +12,8 @@ from streams.cli.common import CliError, Command, run_until_signalled
 from streams.devtools.demo import DemoResult, print_summary, run_demo
 from streams.exceptions import RecordingError
 
+__all__ = ["register"]
+
 
 def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser("demo", help="the simulator and a client, with a live view and a summary")

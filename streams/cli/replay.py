@@ -11,6 +11,8 @@ from streams.devtools.replay import ReplayServer, summarize
 from streams.exceptions import ReplayError
 from streams.recording import load_recording
 
+__all__ = ["register"]
+
 
 def register(sub: Any) -> dict[str, Command]:
     """Add ``replay`` to the ``python -m streams`` subcommands ."""

@@ -9,6 +9,8 @@ from typing import Any
 from streams.cli.common import CliError, Command, run_until_signalled
 from streams.devtools.simulator import FacilitatorSimulator, serve_forever
 
+__all__ = ["register"]
+
 
 def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser("simulate", help="run a protocol-faithful facilitator simulator")

@@ -18,6 +18,8 @@ from streams.dispatchers.celery import (
     worker_command,
 )
 
+__all__ = ["add_run_flags", "dispatcher_from_args", "register"]
+
 
 def add_run_flags(run: argparse.ArgumentParser) -> None:
     """The flags of ``run --dispatcher celery``."""
