@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,7 +11,21 @@ from urllib.parse import urlsplit
 from streams.exceptions import ConfigError
 from streams.protocol import MAX_FRAME_BYTES
 
-__all__ = ["ClientConfig", "ConfigError", "validate_ws_url"]
+__all__ = ["FACILITATOR_MAX_FRAME_BYTES", "AuthMode", "ClientConfig", "ConfigError", "validate_ws_url"]
+
+FACILITATOR_MAX_FRAME_BYTES = 16 * 2**20
+"""The largest frame the production facilitator accepts (uvicorn's default; bigger ones close the link 1009)."""
+
+
+class AuthMode(enum.StrEnum):
+    """How the client authenticates each connection (PROTOCOL.md, "Connect-time auth")."""
+
+    MESSAGE = "message"
+    """A V0AuthenticationRequest after connecting, answered by a Response (the deployed facilitator)."""
+    HEADERS = "headers"
+    """X-Timestamp/X-Public-Key/X-Signature on the opening handshake (the upstream draft); no auth message."""
+    BOTH = "both"
+    """Both: works with either facilitator while the draft rolls out."""
 
 
 def validate_ws_url(url: object, *, what: str = "url") -> None:
@@ -36,6 +51,8 @@ class ClientConfig:
     """Sent as ``X-Validator-Version`` (absent means "unknown" to the facilitator)."""
     runner_version: str | None = None
     """Sent as ``X-Validator-Runner-Version``."""
+    auth_mode: AuthMode = AuthMode.MESSAGE
+    """``message`` (default), ``headers`` or ``both`` (a plain string is accepted): see :class:`AuthMode`."""
 
     heartbeat_period: float = 60.0
     ping_interval: float | None = 20.0
@@ -54,6 +71,11 @@ class ClientConfig:
 
     outbox_max_messages: int = 100_000
     outbox_max_bytes: int = 64 * 2**20
+    max_outbound_frame_bytes: int = FACILITATOR_MAX_FRAME_BYTES
+    """An update whose encoded frame is bigger is refused at enqueue (raised and reported), never sent."""
+    poison_after_connections: int = 3
+    """Report the oldest unanswered status update (SUSPECTED_POISON) once this many connections in a
+    row ended without answering it (it is never dropped: a facilitator outage looks the same)."""
     max_pending_specs: int = 100
     """Spec updates held while disconnected beyond this count drop the oldest (reported)."""
     max_in_flight: int = 1_000
@@ -76,6 +98,11 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         validate_ws_url(self.url)
+        try:
+            object.__setattr__(self, "auth_mode", AuthMode(self.auth_mode))
+        except ValueError:
+            choices = ", ".join(mode.value for mode in AuthMode)
+            raise ConfigError(f"auth_mode must be one of {choices}; got {self.auth_mode!r}") from None
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):

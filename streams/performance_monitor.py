@@ -26,9 +26,18 @@ from streams.connection_manager import (
 )
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
-from streams.exceptions import DecodeError, DispatcherError
+from streams.exceptions import DecodeError, DispatcherError, InvalidSpecs, MessageTooLarge
 from streams.job_dispatcher import JobDispatcher, JobFailure
-from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
+from streams.message_manager import (
+    AckOutcome,
+    Depth,
+    Envelope,
+    HeadOfLine,
+    MessageManager,
+    Refused,
+    Requeued,
+    Sent,
+)
 from streams.metrics import Metrics
 from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest, excerpt, message_kind
 from streams.safe_subject import SafeSubject
@@ -117,6 +126,8 @@ class PerformanceMonitor:
         add(messages.dropped.subscribe(self._on_dropped))
         add(messages.acks.subscribe(self._on_ack))
         add(messages.requeued.subscribe(self._on_requeued))
+        add(messages.refused.subscribe(self._on_refused))
+        add(messages.head_of_line.subscribe(self._on_head_of_line))
         add(messages.send_failures.subscribe(lambda e: self.metrics.incr(f"messages.send_failed.{e.kind}")))
         add(messages.unexpected_responses.subscribe(self._on_unexpected))
         add(messages.depth.subscribe(self._on_depth))
@@ -207,6 +218,40 @@ class PerformanceMonitor:
             + (f" for job {envelope.job_uuid} status {envelope.status}" if envelope.job_uuid else ""),
             message_type=envelope.kind, reason=dropped.reason, count=1,
             job_uuid=envelope.job_uuid, status=envelope.status,
+        )
+
+    def _on_refused(self, refused: Refused) -> None:
+        """Refused at enqueue (the caller got the error too): a MESSAGE_DROPPED the operator can see."""
+        envelope, error = refused.envelope, refused.error
+        self.metrics.incr(f"messages.dropped.{envelope.kind}")
+        self.metrics.incr(f"messages.refused.{error.reason}")
+        data: dict[str, object] = {}
+        if isinstance(error, MessageTooLarge):
+            data.update(size=error.size, limit=error.limit)
+        elif isinstance(error, InvalidSpecs):
+            data.update(errors=error.errors)
+        self.emit(
+            EventType.MESSAGE_DROPPED, envelope.kind, str(error),
+            message_type=envelope.kind, reason=error.reason, count=1,
+            job_uuid=envelope.job_uuid, status=envelope.status, excerpt=excerpt(envelope.frame), **data,
+        )
+
+    def _on_head_of_line(self, head: HeadOfLine) -> None:
+        """``outbox.head_age``: how long the oldest unanswered status update has waited (0 once answered)."""
+        envelope = head.envelope
+        self.metrics.gauge("outbox.head_age", 0.0 if head.answered else round(head.age, 3))
+        if not head.suspected:
+            return
+        self.metrics.incr("outbox.suspected_poison")
+        self.emit(
+            EventType.SUSPECTED_POISON, envelope.kind,
+            f"{envelope.kind}" + (f" for job {envelope.job_uuid} status {envelope.status}" if envelope.job_uuid else "")
+            + f" is still unanswered after {head.connections} connections in a row ended without answering it "
+            f"(waiting {head.age:.1f} s, sent {envelope.sends} times): it may be what breaks the connection, "
+            "or the facilitator is down. It is kept and resent first; everything behind it waits.",
+            message_type=envelope.kind, job_uuid=envelope.job_uuid, status=envelope.status,
+            connections=head.connections, sends=envelope.sends, age=round(head.age, 3),
+            frame_bytes=len(envelope.frame), excerpt=excerpt(envelope.frame),
         )
 
     def _on_ack(self, ack: AckOutcome) -> None:
