@@ -4,6 +4,19 @@ It is the only owner of the transport's lifecycle. It publishes the connection s
 BehaviorSubject), the inbound frames of authenticated connections, and a record of every attempt,
 success, rejection and disconnect (``changes``) from which the PerformanceMonitor builds its
 events and metrics. Nothing but the auth request is ever sent before a ``success`` Response.
+
+Auth (``ClientConfig.auth_mode``, PROTOCOL.md "Connect-time auth"):
+
+- ``message``: a V0AuthenticationRequest first; authenticated on its ``success`` Response.
+- ``headers``: X-Timestamp / X-Public-Key / X-Signature on the opening handshake, signed afresh for
+  every attempt; no auth message. The draft facilitator refuses a bad handshake with HTTP 403 and
+  answers nothing on success, so the connection counts as authenticated once the handshake succeeds.
+- ``both``: the headers and the message. A facilitator that already authenticated the connection by
+  its headers answers the message ``auth.already_authenticated`` (connection open): that counts as
+  success too, so ``both`` works against the deployed facilitator and the draft alike.
+
+A handshake refused with HTTP 403 is an auth refusal (AuthRejected), retried at the backoff cap like
+an error Response to the auth message.
 """
 
 from __future__ import annotations
@@ -15,11 +28,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import reactivex
 
 from operators import Backoff
-from streams.config import ClientConfig
+from streams.config import AuthMode, ClientConfig
 from streams.events import ConnectionState
 from streams.exceptions import UsageError
 from streams.protocol import DecodeError, Response, Signer, V0AuthenticationRequest, decode, encode
@@ -36,6 +50,7 @@ __all__ = [
     "ConnectionManager",
     "Disconnected",
     "Frame",
+    "auth_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,6 +101,25 @@ class Disconnected:
 ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | Disconnected
 
 
+_ALREADY_AUTHENTICATED = "auth.already_authenticated"
+
+
+def auth_headers(signer: Signer, now: float) -> dict[str, str]:
+    """Connect-time auth headers (upstream draft): the sr25519 signature of the timestamp string.
+
+    The facilitator accepts a timestamp at most 60 s old and 5 s ahead, so they are made per attempt.
+    """
+    if signer.public_key is None:
+        raise ValueError("the signer has no public key, so it cannot authenticate")
+    timestamp = str(int(now))
+    signature = bytes(signer.sign(timestamp.encode()))
+    return {
+        "X-Timestamp": timestamp,
+        "X-Public-Key": bytes(signer.public_key).hex(),
+        "X-Signature": "0x" + signature.hex(),
+    }
+
+
 class AuthenticationFailed(Exception):
     def __init__(self, description: str, response: Response | None = None) -> None:
         super().__init__(description)
@@ -102,12 +136,15 @@ class ConnectionManager:
         transport: Transport,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         on_subscriber_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._config = config
         self._signer = signer
         self._transport = transport
         self._clock = clock
+        self._wall_clock = wall_clock
+        """Unix time for the X-Timestamp header (injectable: tests of a skewed clock)."""
         self._backoff = Backoff(
             base=config.backoff_base,
             cap=config.backoff_cap,
@@ -218,10 +255,18 @@ class ConnectionManager:
         started = self._clock()
         self._set_state(ConnectionState.CONNECTING)
         self._changes.on_next(ConnectAttempt(self._attempt))
+        mode = self._config.auth_mode
         try:
-            await self._transport.connect()
+            if mode is AuthMode.MESSAGE:
+                await self._transport.connect()  # the contract's old shape: custom transports keep working
+            else:
+                await self._transport.connect(headers=auth_headers(self._signer, self._wall_clock()))
         except TransportConnectError as exc:
             self._set_state(ConnectionState.DISCONNECTED)
+            if exc.info.http_status == HTTPStatus.FORBIDDEN:
+                delay = self._config.backoff_cap
+                self._changes.on_next(AuthRejected(None, self._forbidden(exc.info), exc.info, delay))
+                return delay
             delay = self._backoff.next_delay()
             self._changes.on_next(ConnectFailed(self._attempt, exc.info, delay))
             return delay
@@ -257,7 +302,18 @@ class ConnectionManager:
         self._set_state(ConnectionState.DISCONNECTED)
         return retry_in or 0.0
 
+    def _forbidden(self, info: CloseInfo) -> str:
+        text = f"auth refused at the handshake: {info.reason}"
+        if self._config.auth_mode is AuthMode.MESSAGE:
+            text += " (the facilitator may require connect-time auth: try auth_mode 'both' or 'headers')"
+        else:
+            text += " (signature invalid, hotkey not a validator, or the clock is off by more than a minute)"
+        return text
+
     async def _authenticate(self) -> None:
+        mode = self._config.auth_mode
+        if mode is AuthMode.HEADERS:
+            return  # the handshake was the auth: the draft facilitator answers nothing more
         frame = encode(V0AuthenticationRequest.from_signer(self._signer))
         await self._transport.send(frame)
         try:
@@ -275,8 +331,11 @@ class ConnectionManager:
             raise AuthenticationFailed(
                 f"expected an auth Response, got {type(message).__name__}"
             )
-        if not message.is_success:
-            raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
+        if message.is_success:
+            return
+        if mode is AuthMode.BOTH and message.error_types == (_ALREADY_AUTHENTICATED,):
+            return  # authenticated by the headers already
+        raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
 
     async def _await_close(self) -> CloseInfo | None:
         """After a rejected auth the facilitator closes (3000/3001): wait briefly to learn the code."""

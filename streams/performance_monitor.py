@@ -171,6 +171,7 @@ class PerformanceMonitor:
             self.emit(
                 EventType.AUTH_FAILED, "auth", change.description,
                 errors=[] if change.response is None else [e.model_dump() for e in change.response.errors],
+                http_status=None if change.info is None else change.info.http_status,
                 retry_in=round(change.retry_in, 3), **_close_data(change.info),
             )
         elif isinstance(change, Connected):

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
-from streams.config import ClientConfig
+from streams.config import AuthMode, ClientConfig
 from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
 from streams.events import SystemEvent
 from streams.exceptions import ConfigError, RecordingError
@@ -30,6 +30,11 @@ def register(sub: Any) -> dict[str, Command]:
     keys.add_argument("--wallet-name")
     keys.add_argument("--wallet-hotkey")
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
+    run.add_argument(
+        "--auth-mode", choices=[mode.value for mode in AuthMode], default=AuthMode.MESSAGE.value,
+        help="how each connection authenticates: `message` (V0AuthenticationRequest, the deployed facilitator), "
+        "`headers` (signed X-Timestamp/X-Public-Key/X-Signature handshake headers, the upstream draft) or `both`",
+    )
     run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
     run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
     run.add_argument("--heartbeat-period", type=positive, default=60.0)
@@ -131,6 +136,7 @@ async def _run(args: argparse.Namespace) -> None:
             ping_timeout=args.ping_timeout,
             backoff_base=args.backoff_base,
             backoff_cap=args.backoff_cap,
+            auth_mode=AuthMode(args.auth_mode),
             statsd_host=args.statsd[0] if args.statsd else None,
             statsd_port=args.statsd[1] if args.statsd else 8125,
         )
