@@ -58,6 +58,19 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
     }
 
 
+def _utf8_len(frame: str) -> int:
+    return len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
+
+
+def _drop_data(envelope: Envelope, reason: str) -> dict[str, object]:
+    """MESSAGE_DROPPED's fields, the same for every reason (``limit`` and ``errors`` for refusals)."""
+    return {
+        "message_type": envelope.kind, "reason": reason, "count": 1,
+        "job_uuid": envelope.job_uuid, "status": envelope.status,
+        "frame_bytes": _utf8_len(envelope.frame), "limit": None, "errors": [], "excerpt": excerpt(envelope.frame),
+    }
+
+
 class PerformanceMonitor:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -217,8 +230,7 @@ class PerformanceMonitor:
             EventType.MESSAGE_DROPPED, envelope.kind,
             f"{envelope.kind} dropped ({dropped.reason})"
             + (f" for job {envelope.job_uuid} status {envelope.status}" if envelope.job_uuid else ""),
-            message_type=envelope.kind, reason=dropped.reason, count=1,
-            job_uuid=envelope.job_uuid, status=envelope.status,
+            **_drop_data(envelope, dropped.reason),
         )
 
     def _on_refused(self, refused: Refused) -> None:
@@ -226,16 +238,12 @@ class PerformanceMonitor:
         envelope, error = refused.envelope, refused.error
         self.metrics.incr(f"messages.dropped.{envelope.kind}")
         self.metrics.incr(f"messages.refused.{error.reason}")
-        data: dict[str, object] = {}
+        data = _drop_data(envelope, error.reason)
         if isinstance(error, MessageTooLarge):
-            data.update(size=error.size, limit=error.limit)
+            data.update(frame_bytes=error.size, limit=error.limit)
         elif isinstance(error, InvalidSpecs):
             data.update(errors=error.errors)
-        self.emit(
-            EventType.MESSAGE_DROPPED, envelope.kind, str(error),
-            message_type=envelope.kind, reason=error.reason, count=1,
-            job_uuid=envelope.job_uuid, status=envelope.status, excerpt=excerpt(envelope.frame), **data,
-        )
+        self.emit(EventType.MESSAGE_DROPPED, envelope.kind, str(error), **data)
 
     def _on_head_of_line(self, head: HeadOfLine) -> None:
         """``outbox.head_age``: how long the oldest unanswered status update has waited (0 once answered)."""
@@ -252,7 +260,7 @@ class PerformanceMonitor:
             "or the facilitator is down. It is kept and resent first; everything behind it waits.",
             message_type=envelope.kind, job_uuid=envelope.job_uuid, status=envelope.status,
             connections=head.connections, sends=envelope.sends, age=round(head.age, 3),
-            frame_bytes=len(envelope.frame), excerpt=excerpt(envelope.frame),
+            frame_bytes=_utf8_len(envelope.frame), excerpt=excerpt(envelope.frame),
         )
 
     def _on_ack(self, ack: AckOutcome) -> None:

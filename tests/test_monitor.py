@@ -37,11 +37,18 @@ EVENT_FIELDS: dict[str, set[str]] = {
         "close_code", "close_reason", "exception", "exception_message",
     },
     "CONNECT_FAILED": {"attempt", "retry_in", "close_code", "close_reason", "exception", "exception_message"},
-    "AUTH_FAILED": {"errors", "retry_in", "close_code", "close_reason", "exception", "exception_message"},
+    "AUTH_FAILED": {
+        "errors", "http_status", "retry_in", "close_code", "close_reason", "exception", "exception_message",
+    },
     "ERROR_RESPONSE": {"job_uuid", "status", "errors"},
     "UNEXPECTED_RESPONSE": {"errors"},
     "MALFORMED_MESSAGE": {"excerpt", "error"},
-    "MESSAGE_DROPPED": {"message_type", "reason", "count", "job_uuid", "status"},
+    "MESSAGE_DROPPED": {
+        "message_type", "reason", "count", "job_uuid", "status", "frame_bytes", "limit", "errors", "excerpt",
+    },
+    "SUSPECTED_POISON": {
+        "message_type", "job_uuid", "status", "connections", "sends", "age", "frame_bytes", "excerpt",
+    },
     "JOB_DISPATCH_FAILED": {"job_uuid", "exception", "message"},
     "CHEAT_HANDLER_FAILED": {"job_uuid", "exception", "message"},
     "SOURCE_FAILED": {"exception", "message"},
@@ -164,7 +171,7 @@ def spec(n: int) -> V0MachineSpecsUpdate:
     return V0MachineSpecsUpdate(
         miner_hotkey="5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
         validator_hotkey=ALICE.ss58_address,
-        specs={"gpu": {"count": n}},
+        specs={"gpu": {"count": n}, "cpu": {"count": 8}, "ram": {}, "hard_disk": {}},
         batch_id=f"batch-{n}",
     )
 
