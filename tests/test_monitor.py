@@ -588,7 +588,10 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
         assert event.subtype == "V0JobStatusUpdate"
         assert event.data == {
             "message_type": "V0JobStatusUpdate", "reason": "outbox_full", "count": 1,
-            "job_uuid": job_uuid, "status": "received",
+            "job_uuid": job_uuid, "status": "received", "frame_bytes": 118, "limit": None, "errors": [],
+            "excerpt": orjson.dumps(
+                {"message_type": "V0JobStatusUpdate", "uuid": job_uuid, "status": "received", "metadata": None}
+            ).decode(),
         }
         assert job_uuid in event.description and "outbox_full" in event.description
     assert counters["messages.dropped.V0JobStatusUpdate"] == 2
