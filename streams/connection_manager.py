@@ -16,7 +16,10 @@ Auth (``ClientConfig.auth_mode``, PROTOCOL.md "Connect-time auth"):
   success too, so ``both`` works against the deployed facilitator and the draft alike.
 
 A handshake refused with HTTP 403 is an auth refusal (AuthRejected), retried at the backoff cap like
-an error Response to the auth message.
+an error Response to the auth message. In ``headers`` mode a facilitator without the draft ignores the
+headers and answers every frame ``auth.not_authenticated``: the first such Response ends the
+connection as an auth refusal, and it is not passed on, so the status update it "answered" stays
+unacknowledged and is resent (nothing is lost by choosing ``headers`` too early).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | D
 
 
 _ALREADY_AUTHENTICATED = "auth.already_authenticated"
+_NOT_AUTHENTICATED = "auth.not_authenticated"
 
 
 def auth_headers(signer: Signer, now: float) -> dict[str, str]:
@@ -161,6 +165,8 @@ class ConnectionManager:
         self._attempt = 0
         self._last_down: float | None = None
         self._connected_at = 0.0
+        self._ignored_headers: Response | None = None
+        """headers mode: the facilitator's ``auth.not_authenticated`` answer on this connection, if any."""
         self._task: asyncio.Task[None] | None = None
 
     # -- observables -------------------------------------------------------------------------
@@ -292,13 +298,21 @@ class ConnectionManager:
         self._backoff.connection_up(now)
         self._changes.on_next(Connected(self._connection_id, now - started, downtime))
         self._set_state(ConnectionState.CONNECTED)
+        self._ignored_headers = None
         info = await self._read_until_closed()
         ended = self._clock()
         self._last_down = ended
         self._backoff.connection_down(ended)
         stopping = self._stopping.is_set()
-        retry_in = None if stopping else self._backoff.next_delay()
+        refused = self._ignored_headers
+        retry_in = None if stopping else self._config.backoff_cap if refused else self._backoff.next_delay()
         self._changes.on_next(Disconnected(self._connection_id, info, ended - now, retry_in))
+        if refused is not None:
+            description = (
+                f"auth headers ignored: the facilitator answered {refused.describe()} (it does not support "
+                "connect-time auth; use auth_mode 'both' or 'message')"
+            )
+            self._changes.on_next(AuthRejected(refused, description, info, retry_in or 0.0))
         self._set_state(ConnectionState.DISCONNECTED)
         return retry_in or 0.0
 
@@ -350,12 +364,29 @@ class ConnectionManager:
             return self._transport.close_info
 
     async def _read_until_closed(self) -> CloseInfo:
+        check = self._config.auth_mode is AuthMode.HEADERS
         try:
             while True:
                 frame = await self._transport.recv()
+                if check and isinstance(frame, str) and _NOT_AUTHENTICATED in frame:
+                    if await self._headers_ignored(frame):
+                        continue  # not an answer to what was sent: kept from the ack matching
                 self._frames.on_next(frame)
         except TransportClosed as exc:
             return exc.info
+
+    async def _headers_ignored(self, frame: str) -> bool:
+        """headers mode: is ``frame`` the facilitator saying it never authenticated us? Then hang up."""
+        try:
+            message = decode(frame, self._config.max_frame_bytes)
+        except DecodeError:
+            return False
+        if not isinstance(message, Response) or _NOT_AUTHENTICATED not in message.error_types:
+            return False
+        if self._ignored_headers is None:
+            self._ignored_headers = message
+            await self._transport.close(1008, "connect-time auth headers were ignored")
+        return True
 
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:

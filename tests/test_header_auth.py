@@ -197,3 +197,24 @@ async def test_message_mode_against_a_facilitator_that_wants_headers_says_so() -
             assert "auth_mode" in event.description
             assert not run.client.is_connected
         assert server.refusals[0] == "missing auth headers"
+
+
+async def test_headers_mode_against_a_facilitator_without_the_draft_loses_nothing() -> None:
+    """It ignores the headers and answers auth.not_authenticated: an auth refusal, and the status
+    update that the refusal seemed to answer stays queued (it was never stored)."""
+    async with FacilitatorSimulator(seed=42) as sim:
+        job_uuid = sim.register_job(str(uuid.uuid4()))
+        async with running_client(fast_config(sim.url, auth_mode="headers", backoff_cap=0.3)) as run:
+            await wait_until(lambda: run.client.is_connected, 5, "connected (the handshake succeeded)")
+            run.client._statuses.open(job_uuid)("accepted")
+            await wait_until(lambda: len(run.events_of("AUTH_FAILED")) >= 2, 5, "refused on two connections")
+            failed = run.events_of("AUTH_FAILED")
+            assert "auth.not_authenticated" in failed[0].description and "auth_mode" in failed[0].description
+            assert failed[0].data["errors"][0]["type"] == "auth.not_authenticated"
+            assert all(e.data["retry_in"] == pytest.approx(0.3) for e in failed)
+            assert run.client.pending.pending == 1, "the status update is kept to be resent"
+            assert not run.events_of("ERROR_RESPONSE") and not run.events_of("UNEXPECTED_RESPONSE")
+            assert not run.events_of("MESSAGE_DROPPED")
+        assert sim.stored[job_uuid] == ["sent"]
+        closes = [record.close_code for record in sim.connection_log.values() if record.close_code is not None]
+        assert closes.count(1008) >= 2 and set(closes) <= {1008, 1000}, closes  # 1000: the client's stop
