@@ -91,7 +91,8 @@ class Envelope:
     sends: int = 0
     sent_at: float = 0.0
     unanswered: int = 0
-    """Connections that ended without answering it while it was the oldest unanswered status update."""
+    """Connections it was sent on that ended without answering it, as the oldest unanswered status update
+    (it stays the oldest until answered, so these are consecutive; a connection that never sent it does not count)."""
 
     @property
     def expects_ack(self) -> bool:
