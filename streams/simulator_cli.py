@@ -20,6 +20,21 @@ def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine
     parser.add_argument("--ack-delay", type=float, default=0.0, help="delay every Response by this many seconds")
     parser.add_argument("--chaos-every", type=int, default=None, help="inject a random fault every ~N frames")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--lenient",
+        action="store_true",
+        help="kinder than production: no server pings, 50 MiB frames, no compression, jobs queued for a "
+        "validator without a fresh heartbeat and sent to its newest connection only, idle eviction, "
+        "any specs and metadata accepted",
+    )
+    parser.add_argument(
+        "--auth-mode",
+        action="append",
+        choices=("message", "headers"),
+        metavar="MODE",
+        help="what authenticates a connection: `message` (production today) and/or `headers` "
+        "(connect-time draft); repeatable (default both)",
+    )
     return {"simulate": _simulate}
 
 
@@ -32,7 +47,10 @@ async def _simulate(args: argparse.Namespace) -> None:
         raise CliError(f"--port must be 0-65535, got {args.port}")
 
     def ready(sim: FacilitatorSimulator) -> None:
-        print(f"facilitator simulator listening on {sim.url}", flush=True)
+        mode = "lenient" if sim.lenient else "strict"
+        print(
+            f"facilitator simulator listening on {sim.url} ({mode}; jobs signed by {sim.job_signer_ss58})", flush=True
+        )
 
     async def serve() -> None:
         try:
@@ -45,6 +63,8 @@ async def _simulate(args: argparse.Namespace) -> None:
                 ack_delay=args.ack_delay,
                 chaos_every=args.chaos_every,
                 seed=args.seed,
+                lenient=args.lenient,
+                auth_modes=args.auth_mode or ("message", "headers"),
                 on_ready=ready,
             )
         except OSError as exc:
