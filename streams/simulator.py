@@ -551,6 +551,8 @@ class ConnectionRecord:
     """Starts at auth time, like the real facilitator's per-connection heartbeat."""
     heartbeats: list[float] = field(default_factory=list)
     """Times of the V0Heartbeats received after auth."""
+    pongs: int = 0
+    """Pongs received for the server's keepalive pings."""
     closed_at: float | None = None
     close_code: int | None = None
     close_reason: str = ""
@@ -1249,6 +1251,8 @@ class FacilitatorSimulator:
                 self._notify()
                 await self._close(conn, 1011, "keepalive ping timeout")
                 return
+            conn.record.pongs += 1
+            self._notify()
 
     def _arm_idle(self, conn: _Conn) -> None:
         """Lenient mode: one timer per connection (not a timeout per recv: this server also serves benchmarks)."""
