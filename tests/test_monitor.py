@@ -164,7 +164,7 @@ def spec(n: int) -> V0MachineSpecsUpdate:
     return V0MachineSpecsUpdate(
         miner_hotkey="5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
         validator_hotkey=ALICE.ss58_address,
-        specs={"gpu": {"count": n}},
+        specs={"gpu": {"count": n}, "cpu": {"count": 1}, "ram": {}, "hard_disk": {}},
         batch_id=f"batch-{n}",
     )
 
