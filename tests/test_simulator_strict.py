@@ -22,7 +22,7 @@ from bittensor_wallet import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from streams.simulator import SUCCESS, FacilitatorSimulator, JobNotCreated
+from streams.devtools.simulator import SUCCESS, FacilitatorSimulator, JobNotCreated
 from streams.transport import WebSocketTransport
 
 AuthFrame = Callable[..., str]
