@@ -501,7 +501,12 @@ async def test_job_frames_are_shaped_and_signed_like_the_capture(auth_frame: Aut
 
 async def test_volumes_uploads_non_ascii_and_streaming_are_wrapped_escaped_and_signed(auth_frame: AuthFrame) -> None:
     volume = {"volume_type": "inline", "contents": "UEsDBA==", "relative_path": "data"}
-    upload = {"output_upload_type": "zip_and_http_put", "url": "https://example.invalid/put"}
+    upload = {
+        "output_upload_type": "single_file_put",
+        "url": "https://example.invalid/put",
+        "relative_path": "out.txt",
+        "signed_headers": None,
+    }
     streaming = {"public_key": "cert", "executor_ip": None}
     async with FacilitatorSimulator() as sim, opened(sim) as ws:
         await auth(ws, auth_frame)
@@ -521,6 +526,18 @@ async def test_volumes_uploads_non_ascii_and_streaming_are_wrapped_escaped_and_s
     assert job["signature"]["signature_scope"] == "SignedFields"
     assert verifies(job, job_payload(job))
     assert "☃" in job_payload(job), "the signed fields keep non-ASCII as UTF-8"
+
+
+def test_a_zip_upload_is_not_wrapped_a_multi_upload_cannot_hold_it() -> None:
+    upload = {"output_upload_type": "zip_and_http_post", "url": "https://example.invalid/post"}
+    job = FacilitatorSimulator().job_request(output_upload=upload)
+    assert job["output_upload"] == {**upload, "form_fields": None}
+    assert verifies(
+        job,
+        job_payload(
+            {**job, "output_upload": {"output_upload_type": "multi_upload", "uploads": [job["output_upload"]]}}
+        ),
+    )
 
 
 async def test_args_whitespace_is_stripped_after_signing_like_the_real_facilitator(auth_frame: AuthFrame) -> None:

@@ -497,10 +497,19 @@ def sign_cheat_report(report: dict[str, Any], signer: Keypair, timestamp_ns: int
     return _signature(signer, json.dumps(body, sort_keys=True), "FullRequest", timestamp_ns)
 
 
+_SINGLE_FILE_UPLOADS = frozenset({"single_file_post", "single_file_put"})
+"""What a multi_upload's ``uploads`` may hold (the SDK's uploads are all single files)."""
+
+
 def _wrap(value: Any, tag: str, multi: str, key: str, fields: dict[str, tuple[str, ...]]) -> Any:
-    """The facilitator's API stores and sends every volume as multi_volume, every upload as multi_upload."""
+    """The facilitator's API stores and sends every volume as multi_volume, every upload as multi_upload.
+
+    A zip upload (which the SDK never makes, and which a multi_upload cannot hold) is sent as it is.
+    """
     if value is None or (isinstance(value, dict) and value.get(tag) == multi):
         return value
+    if multi == "multi_upload" and (not isinstance(value, dict) or value.get(tag) not in _SINGLE_FILE_UPLOADS):
+        return _full(value, tag, fields)
     wrapped: dict[str, Any] = {tag: multi, key: [_full(value, tag, fields)]}
     if multi == "multi_upload":
         wrapped["system_output"] = None
