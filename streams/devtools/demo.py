@@ -183,7 +183,7 @@ async def _create_job(sim: FacilitatorSimulator, overrides: dict[str, Any]) -> d
         try:
             return await sim.send_job_request(None, **overrides)
         except JobNotCreated:
-            await sim.wait_for(lambda: bool(sim.live_channels()), 15, "the validator back for a job")
+            await sim.wait_for_validator(15)
 
 
 def _more_auths(sim: FacilitatorSimulator, than: int) -> Callable[[], bool]:
