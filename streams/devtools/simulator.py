@@ -26,6 +26,7 @@ import json
 import random
 import re
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -727,7 +728,8 @@ class FacilitatorSimulator:
         self._outbox: deque[str] = deque()
         self._refusals: deque[AuthRefusal] = deque()
         self._on_auth: list[_OnAuth] = []
-        self._header_auth: dict[ServerConnection, str] = {}
+        self._header_auth: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
+        """Hotkeys that authenticated in the handshake, until their handler starts."""
         self._chaos: _Chaos | None = None
         self._changed = asyncio.Event()
 
