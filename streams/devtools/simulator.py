@@ -1020,12 +1020,14 @@ class FacilitatorSimulator:
             departed = self.allowed_hotkeys is not None and channel.hotkey not in self.allowed_hotkeys
             if not (stale or departed):
                 continue
-            evicted.append(channel.conn_id)
             conn = self._live.get(channel.conn_id)
             if conn is None or conn.dead:
                 del self.channels[channel.conn_id]
             elif conn.closing is None:
                 conn.closing = asyncio.get_running_loop().create_task(self._close(conn, 3001, ""))
+            else:
+                continue  # already being closed
+            evicted.append(channel.conn_id)
         if evicted:
             self.evictions.extend(evicted)
             self._notify()
