@@ -189,6 +189,16 @@ async def test_job_needs_a_heartbeat_under_the_window_and_status_updates_do_not_
             assert orjson.loads(await ws.recv()) == job
 
 
+async def test_heartbeat_time_starts_at_auth_not_at_connect(auth_frame: AuthFrame, alice: Keypair) -> None:
+    async with FacilitatorSimulator(job_heartbeat_window=0.3) as sim, opened(sim) as ws:
+        await sim.wait_for(lambda: sim.connections == 1, 5, "connected")
+        await elapsed(sim.connection_log[1].opened_at, 0.35)  # longer than the window, unauthenticated
+        await auth(ws, auth_frame)
+        assert sim.has_fresh_channel(alice.ss58_address)
+        job = await sim.send_job_request()
+        assert orjson.loads(await ws.recv()) == job
+
+
 async def test_job_goes_to_every_channel_of_its_validator_stale_ones_included(
     auth_frame: AuthFrame, alice: Keypair, bob: Keypair
 ) -> None:
