@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import random
@@ -517,6 +518,11 @@ def _wrap(value: Any, tag: str, multi: str, key: str, fields: dict[str, tuple[st
     return wrapped
 
 
+@functools.cache
+def _default_job_signer() -> Keypair:
+    return Keypair.create_from_uri(DEFAULT_JOB_SIGNER_URI)
+
+
 def _verify_header_signature(public_key_hex: str, timestamp: str, signature: str) -> str | None:
     """The hotkey's ss58 address when the X-Signature is valid, else None."""
     try:
@@ -691,7 +697,7 @@ class FacilitatorSimulator:
         self._eviction_age = eviction_age
         self._idle_timeout = (600.0 if idle_timeout is _UNSET else idle_timeout) if lenient else None
         self._close_timeout = close_timeout
-        self.job_signer = job_signer if job_signer is not None else Keypair.create_from_uri(DEFAULT_JOB_SIGNER_URI)
+        self.job_signer = job_signer if job_signer is not None else _default_job_signer()
         self._adapter: TypeAdapter[Any] = _LOOSE_INBOUND if lenient else _INBOUND
         self._server: Server | None = None
         self._evictor: asyncio.Task[None] | None = None
