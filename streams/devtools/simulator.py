@@ -1363,9 +1363,13 @@ class FacilitatorSimulator:
 
     async def _authenticate(self, conn: _Conn, message: V0AuthenticationRequest) -> bool:
         record = conn.record
-        first_after_headers = record.auth_method == "headers" and not conn.message_auth_done
-        if record.authenticated_at is not None and not (first_after_headers and "message" in self.auth_modes):
-            self._violation(record.conn_id, "second V0AuthenticationRequest on an authenticated connection")
+        if record.authenticated_at is not None:
+            # Authenticated already, by an earlier request or by the handshake's headers: the
+            # consumer answers auth.already_authenticated and keeps the connection. After header auth
+            # one such request is how a client in "both" mode works; it is no mistake then.
+            if record.auth_method != "headers" or conn.message_auth_done:
+                self._violation(record.conn_id, "second V0AuthenticationRequest on an authenticated connection")
+            conn.message_auth_done = True
             return await self._respond(conn, ALREADY_AUTHENTICATED)
         conn.message_auth_done = True
         forced = self._refusals.popleft() if self._refusals else None
@@ -1386,13 +1390,6 @@ class FacilitatorSimulator:
             return await self._crash(conn, f"auth request with a malformed signature ({exc})")
         if not valid:
             return await self._refuse(conn, SIGNATURE_INVALID, 3000)
-        if first_after_headers:
-            # Both modes: the headers already authenticated this connection; the same hotkey's
-            # request is answered success (a different one is a second authentication).
-            if ss58_address != record.hotkey:
-                self._violation(record.conn_id, "V0AuthenticationRequest for another hotkey than the headers'")
-                return await self._respond(conn, ALREADY_AUTHENTICATED)
-            return await self._send(conn, SUCCESS)
         return await self._authenticated(conn, ss58_address, "message")
 
     async def _authenticated(self, conn: _Conn, hotkey: str, method: AuthMode) -> bool:
