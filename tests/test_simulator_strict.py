@@ -22,7 +22,7 @@ from bittensor_wallet import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from streams.devtools.simulator import SUCCESS, FacilitatorSimulator, JobNotCreated
+from streams.devtools.simulator import SUCCESS, FacilitatorSimulator, JobNotCreated, serve_forever
 from streams.transport import WebSocketTransport
 
 AuthFrame = Callable[..., str]
@@ -689,3 +689,18 @@ def test_simulate_cli_strict_by_default_and_lenient_on_request() -> None:
         finally:
             process.terminate()
             process.wait(10)
+
+
+async def test_serve_forever_paces_jobs_to_the_first_validator(auth_frame: AuthFrame) -> None:
+    ready: asyncio.Future[FacilitatorSimulator] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve_forever(port=0, jobs=3, job_interval=0.05, seed=3, on_ready=ready.set_result))
+    try:
+        sim = await asyncio.wait_for(ready, 5)
+        async with opened(sim) as ws:
+            await auth(ws, auth_frame)
+            frames = [orjson.loads(await ws.recv()) for _ in range(3)]
+        assert [f["uuid"] for f in frames] == list(sim.jobs)
+        assert all(verifies(f, job_payload(f)) for f in frames)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
