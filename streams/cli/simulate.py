@@ -22,13 +22,31 @@ def register(sub: Any) -> dict[str, Command]:
     parser.add_argument("--ack-delay", type=non_negative, default=0.0, help="delay every Response by this many seconds")
     parser.add_argument("--chaos-every", type=at_least(1), default=None, help="inject a random fault every ~N frames")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--lenient",
+        action="store_true",
+        help="kinder than production: no server pings, 50 MiB frames, no compression, jobs queued for a "
+        "validator without a fresh heartbeat and sent to its newest connection only, idle eviction, "
+        "any specs and metadata accepted",
+    )
+    parser.add_argument(
+        "--auth-mode",
+        action="append",
+        choices=("message", "headers"),
+        metavar="MODE",
+        help="what authenticates a connection: `message` (production today) and/or `headers` "
+        "(connect-time draft); repeatable (default both)",
+    )
     return {"simulate": _simulate}
 
 
 async def _simulate(args: argparse.Namespace) -> None:
 
     def ready(sim: FacilitatorSimulator) -> None:
-        print(f"facilitator simulator listening on {sim.url}", flush=True)
+        mode = "lenient" if sim.lenient else "strict"
+        print(
+            f"facilitator simulator listening on {sim.url} ({mode}; jobs signed by {sim.job_signer_ss58})", flush=True
+        )
 
     async def serve() -> None:
         try:
@@ -41,6 +59,8 @@ async def _simulate(args: argparse.Namespace) -> None:
                 ack_delay=args.ack_delay,
                 chaos_every=args.chaos_every,
                 seed=args.seed,
+                lenient=args.lenient,
+                auth_modes=args.auth_mode or ("message", "headers"),
                 on_ready=ready,
             )
         except OSError as exc:
