@@ -16,7 +16,16 @@ from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core.core_schema import ValidationInfo
 
 __all__ = [
@@ -516,7 +525,7 @@ class V2JobRequest(_Inbound):
     Keys the facilitator adds later are kept (`model_extra`) and `raw` is the untouched frame."""
 
     # Declaration order follows the real facilitator's key order (signature first).
-    signature: dict[str, Any] | None = None
+    signature: JsonValue = None
     """Kept as sent: streams.signatures says precisely what is wrong with a malformed one."""
     type: Literal["job.new"] = "job.new"
     message_type: Literal["V2JobRequest"] = "V2JobRequest"
@@ -542,7 +551,7 @@ class V2JobRequest(_Inbound):
 class V0JobCheated(_Inbound):
     """A report that a finished job was cheated on by its miner."""
 
-    signature: dict[str, Any] | None = None
+    signature: JsonValue = None
     type: Literal["job.cheated"] = "job.cheated"
     message_type: Literal["V0JobCheated"] = "V0JobCheated"
     job_uuid: str

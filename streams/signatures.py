@@ -50,6 +50,7 @@ __all__ = [
 SIGNATURE_TYPE: Final = "bittensor"
 _SIGNATURE_BYTES: Final = 64
 _SCOPES: Final = frozenset({"SignedFields", "FullRequest"})
+_KEYS: Final = frozenset({"signature_type", "signatory", "timestamp_ns", "signature", "signature_scope"})
 _MAX_TIMESTAMP: Final = 2**64 - 1  # it is hashed as 8 unsigned big-endian bytes
 
 
@@ -184,6 +185,9 @@ def _parse(obj: object) -> _Signature:
     missing = [k for k in ("signature_type", "signatory", "timestamp_ns", "signature") if k not in obj]
     if missing:
         raise _Refused(SignatureFailure.MALFORMED, f"`signature` lacks {', '.join(missing)}")
+    unknown = sorted(str(k) for k in obj if k not in _KEYS)
+    if unknown:  # upstream's Signature model forbids extra keys: the real validator could not parse it
+        raise _Refused(SignatureFailure.MALFORMED, f"`signature` has unknown key {', '.join(map(repr, unknown))}")
     signature_type = obj["signature_type"]
     if signature_type != SIGNATURE_TYPE:
         raise _Refused(
@@ -284,25 +288,24 @@ class SignatureVerifier:
             parsed = _parse(obj)
         except _Refused as refused:
             return Verification(refused.failure, refused.message)
-        where = dict(signatory=parsed.signatory, timestamp_ns=parsed.timestamp_ns)
+
+        def fail(failure: SignatureFailure, message: str) -> Verification:
+            return Verification(failure, message, parsed.signatory, parsed.timestamp_ns)
+
         if self._trusted is not None and parsed.public_key not in self._trusted:
-            return Verification(
+            return fail(
                 SignatureFailure.UNTRUSTED,
                 f"signatory {parsed.signatory} is neither this validator's hotkey nor a trusted signatory",
-                **where,
             )
         if self._max_age_ns is not None:
             age_ns = self._clock_ns() - parsed.timestamp_ns
             if abs(age_ns) > self._max_age_ns:
                 when = f"{age_ns / 1e9:.1f} s old" if age_ns > 0 else f"{-age_ns / 1e9:.1f} s in the future"
-                return Verification(
-                    SignatureFailure.STALE,
-                    f"signature timestamp is {when}, beyond the {self._max_age_ns / 1e9:g} s bound",
-                    **where,
-                )
+                bound = f"{self._max_age_ns / 1e9:g} s"
+                return fail(SignatureFailure.STALE, f"signature timestamp is {when}, beyond the {bound} bound")
         if not check(parsed):
-            return Verification(SignatureFailure.INVALID, f"{mismatch} (signatory {parsed.signatory})", **where)
-        return Verification(None, "verified", **where)
+            return fail(SignatureFailure.INVALID, f"{mismatch} (signatory {parsed.signatory})")
+        return Verification(None, "verified", parsed.signatory, parsed.timestamp_ns)
 
 
 def _kind(value: object) -> str:
