@@ -235,7 +235,7 @@ def play_lifecycle(
         report(
             job_uuid,
             JobStatus.FAILED,
-            {"job_failure_details": {"reason": "nonzero_exit_code", "stage": "execution",
+            {"job_failure_details": {"reason": "nonzero_return_code", "stage": "execution",
                                      "message": "simulated failure (env SIMULATE=fail)",
                                      "docker_process_exit_status": 1}},
         )

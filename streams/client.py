@@ -39,6 +39,7 @@ from streams.protocol import (
     V2JobRequest,
     decode,
 )
+from streams.signatures import SignatureVerifier
 from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
 
@@ -87,10 +88,20 @@ class FacilitatorClient:
         self.connection = ConnectionManager(config, signer, self._transport)
         self.statuses = JobStatusUpdateManager()
         self.specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
-        self.jobs = JobDispatcher(
-            dispatcher, self.statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window
+        self.verifier = (
+            SignatureVerifier(
+                own_hotkey=signer.public_key,
+                trusted_signatories=config.trusted_signatories,
+                max_age=config.signature_max_age,
+            )
+            if config.verify_signatures
+            else None
         )
-        self.cheats = CheatReportHandler(on_cheat)
+        self.jobs = JobDispatcher(
+            dispatcher, self.statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window,
+            verifier=self.verifier,
+        )
+        self.cheats = CheatReportHandler(on_cheat, verifier=self.verifier)
         self._phase = _Phase.NEW
         self._ever_started = False
         self._stop_requested = asyncio.Event()
@@ -133,6 +144,7 @@ class FacilitatorClient:
         tasks: list[asyncio.Task[None]] = []
         try:
             self._wire(AsyncIOScheduler(asyncio.get_running_loop()))
+            self._warn_about_trust()
             await self.jobs.start()
             tasks = [
                 asyncio.create_task(self.connection.run(), name="facilitator-connection"),
@@ -238,6 +250,22 @@ class FacilitatorClient:
             self._messages.close()
         self.connection.complete()
         self.monitor.close()
+
+    def _warn_about_trust(self) -> None:
+        """Once at start: say loudly when jobs are not checked, or anyone with a valid key may send them."""
+        if self.verifier is None:
+            text = "signature verification is OFF (verify_signatures=False): every job request is run unchecked"
+            subtype = "signatures_not_verified"
+        elif self.verifier.accepts_any:
+            text = (
+                "no trusted signatories configured: a job signed by anyone with a valid signature is run "
+                "(set trusted_signatories / --trusted-signer)"
+            )
+            subtype = "any_signatory_accepted"
+        else:
+            return
+        log.warning(text)
+        self.monitor.emit(EventType.CONFIG_WARNING, subtype, text, setting=subtype)
 
     def _spec_source_failed(self, exc: BaseException) -> None:
         self.monitor.emit(

@@ -20,7 +20,8 @@ import reactivex
 from reactivex.subject import Subject
 
 from streams.job_status_update_manager import JobStatusUpdateManager, Report
-from streams.protocol import JobStatus, JobStatusUpdate, V2JobRequest
+from streams.protocol import JobRejectionReason, JobStatus, JobStatusUpdate, V2JobRequest
+from streams.signatures import SignatureVerifier, Verification
 from streams.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class SimulatedDispatcher:
         if job.env.get("SIMULATE") == "fail":
             report(
                 JobStatus.FAILED,
-                {"job_failure_details": {"reason": "nonzero_exit_code", "stage": "execution",
+                {"job_failure_details": {"reason": "nonzero_return_code", "stage": "execution",
                                          "message": "simulated failure (env SIMULATE=fail)",
                                          "docker_process_exit_status": 1}},
             )
@@ -99,6 +100,14 @@ class JobFailure:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class JobRejected:
+    """A job not run because its signature did not verify; it was reported ``rejected``."""
+
+    job: V2JobRequest
+    verification: Verification
+
+
 class JobDispatcher:
     """The component: owns the job tasks and the dedup window."""
 
@@ -109,7 +118,9 @@ class JobDispatcher:
         *,
         max_concurrent: int | None = 100,
         dedup_window: int = 100_000,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
+        """``verifier``: every job must pass it before dispatch; None dispatches unverified (tests)."""
         self._dispatcher = as_dispatcher(dispatcher)
         self._statuses = statuses
         self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
@@ -120,6 +131,8 @@ class JobDispatcher:
         self._dispatched: Subject[V2JobRequest] = Subject()
         self._duplicates: Subject[V2JobRequest] = Subject()
         self._failures: Subject[JobFailure] = Subject()
+        self._verifier = verifier
+        self._rejected: Subject[JobRejected] = Subject()
         self._finished: Subject[str] = Subject()
 
     @property
@@ -137,6 +150,11 @@ class JobDispatcher:
     @property
     def failures(self) -> reactivex.Observable[JobFailure]:
         return self._failures
+
+    @property
+    def rejected(self) -> reactivex.Observable[JobRejected]:
+        """Jobs refused by signature verification (never dispatched)."""
+        return self._rejected
 
     @property
     def finished(self) -> reactivex.Observable[str]:
@@ -158,8 +176,16 @@ class JobDispatcher:
         self._seen[job.uuid] = None
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
+        verification = None if self._verifier is None else self._verifier.verify_job(job)
         report = self._statuses.open(job.uuid)
         try:
+            if verification is not None and not verification.ok:
+                update = JobStatusUpdate.rejected(
+                    job.uuid, JobRejectionReason.INVALID_SIGNATURE, verification.message
+                )
+                report(update.status, update.metadata)
+                self._rejected.on_next(JobRejected(job, verification))
+                return
             report(JobStatus.RECEIVED)
         except ValueError as exc:
             # A uuid that is not a UUID: no status can ever be reported for this job, so it is not
@@ -204,5 +230,5 @@ class JobDispatcher:
         stop = getattr(self._dispatcher, "stop", None)
         if stop is not None:
             await stop()
-        for subject in (self._dispatched, self._duplicates, self._failures, self._finished):
+        for subject in (self._dispatched, self._duplicates, self._failures, self._rejected, self._finished):
             subject.on_completed()

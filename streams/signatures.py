@@ -235,7 +235,7 @@ def _verifies(parsed: _Signature, payload: Any) -> bool:
 class SignatureVerifier:
     """Checks signatures and who made them.
 
-    A signatory is trusted when it is `own_hotkey` (the validator's hotkey, ss58) or one of
+    A signatory is trusted when it is `own_hotkey` (the validator's hotkey: ss58 or public key) or one of
     `trusted_signatories`; with no trusted signatories configured, any valid signatory is
     accepted (`accepts_any`: the client warns about that once at start). `max_age` (seconds)
     bounds how far the signature's timestamp may be from now, either way; None means no bound.
@@ -244,7 +244,7 @@ class SignatureVerifier:
     def __init__(
         self,
         *,
-        own_hotkey: str | None = None,
+        own_hotkey: str | bytes | None = None,
         trusted_signatories: Iterable[str] = (),
         max_age: float | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
@@ -256,7 +256,9 @@ class SignatureVerifier:
                 keys[public_key_of(address)] = address
             except ValueError as exc:
                 raise ValueError(f"trusted_signatories[{index}]: {exc}") from None
-        if own_hotkey is not None:
+        if isinstance(own_hotkey, bytes):
+            keys[own_hotkey] = "own hotkey"
+        elif own_hotkey is not None:
             keys[public_key_of(own_hotkey)] = own_hotkey
         if max_age is not None and not max_age > 0:
             raise ValueError(f"max_age must be > 0 seconds or None, got {max_age!r}")
@@ -303,7 +305,11 @@ class SignatureVerifier:
                 when = f"{age_ns / 1e9:.1f} s old" if age_ns > 0 else f"{-age_ns / 1e9:.1f} s in the future"
                 bound = f"{self._max_age_ns / 1e9:g} s"
                 return fail(SignatureFailure.STALE, f"signature timestamp is {when}, beyond the {bound} bound")
-        if not check(parsed):
+        try:
+            matches = check(parsed)
+        except Exception as exc:  # e.g. a payload json cannot write: refused, never dispatched
+            return fail(SignatureFailure.INVALID, f"the signed fields cannot be computed ({type(exc).__name__}: {exc})")
+        if not matches:
             return fail(SignatureFailure.INVALID, f"{mismatch} (signatory {parsed.signatory})")
         return Verification(None, "verified", parsed.signatory, parsed.timestamp_ns)
 
