@@ -1,9 +1,12 @@
 """Wire models and codec for facilitator protocol v0 (see shared/PROTOCOL.md).
 
-Outbound models are strict (frozen, extra fields forbidden) because the real facilitator answers an
-unparseable frame with an error Response, which shifts FIFO ack matching, and crashes on some inputs.
-Inbound models are loose (extra fields kept) because the facilitator adds fields over time and the
-host re-validates job requests with its own models.
+Outbound models are strict (frozen, extra fields forbidden, the facilitator's enums) because the real
+facilitator answers an unparseable frame with an error Response, which shifts FIFO ack matching, stores
+an enum value it does not know as `unknown`, and crashes on some inputs (PROTOCOL.md "Typed status
+metadata"). Machine specs are checked against its hardware schema by `validate_specs` (its handler
+crashes on specs that do not fit). Inbound models are typed like upstream's (volume/upload unions,
+required time limits) but keep unknown fields, because the facilitator adds fields over time; the
+raw object is kept for the host.
 
 `decode` is the single entry point for inbound frames: it raises `DecodeError` and nothing else.
 """
@@ -32,29 +35,55 @@ __all__ = [
     "FINAL_STATUSES",
     "IN_PROGRESS_STATUSES",
     "MAX_FRAME_BYTES",
+    "CpuSpecs",
     "DecodeError",
+    "GpuDetailsSpecs",
+    "GpuSpecs",
+    "HardDiskSpecs",
     "HordeFailureDetails",
+    "HordeFailureReason",
+    "HuggingfaceVolume",
     "InboundMessage",
+    "InlineVolume",
     "JobFailureDetails",
+    "JobFailureReason",
     "JobRejectionDetails",
+    "JobRejectionReason",
+    "JobStage",
     "JobStatus",
     "JobStatusMetadata",
     "JobStatusUpdate",
+    "JobStreamingDetails",
+    "JsonObject",
+    "MachineSpecs",
     "MinerResponse",
+    "MultiUpload",
+    "MultiVolume",
     "OutboundMessage",
+    "OutputUpload",
+    "Participant",
+    "RamSpecs",
     "Response",
     "ResponseError",
     "Signer",
+    "SingleFilePostUpload",
+    "SingleFilePutUpload",
+    "SingleFileVolume",
     "StreamingDetails",
     "V0AuthenticationRequest",
     "V0Heartbeat",
     "V0JobCheated",
     "V0MachineSpecsUpdate",
     "V2JobRequest",
+    "Volume",
+    "ZipAndHttpPostUpload",
+    "ZipAndHttpPutUpload",
+    "ZipUrlVolume",
     "decode",
     "decode_outbound",
     "encode",
     "message_kind",
+    "validate_specs",
 ]
 
 MAX_FRAME_BYTES: int = 50 * 1024 * 1024
@@ -525,8 +554,8 @@ class V2JobRequest(_Inbound):
     Keys the facilitator adds later are kept (`model_extra`) and `raw` is the untouched frame."""
 
     # Declaration order follows the real facilitator's key order (signature first).
-    signature: JsonValue = None
-    """Kept as sent: streams.signatures says precisely what is wrong with a malformed one."""
+    signature: Any = None
+    """Kept as sent (any JSON): streams.signatures says precisely what is wrong with a malformed one."""
     type: Literal["job.new"] = "job.new"
     message_type: Literal["V2JobRequest"] = "V2JobRequest"
     uuid: str
@@ -551,13 +580,14 @@ class V2JobRequest(_Inbound):
 class V0JobCheated(_Inbound):
     """A report that a finished job was cheated on by its miner."""
 
-    signature: JsonValue = None
+    signature: Any = None
     type: Literal["job.cheated"] = "job.cheated"
     message_type: Literal["V0JobCheated"] = "V0JobCheated"
     job_uuid: str
     trusted_job_uuid: str
-    details: JsonValue = None
-    """Any JSON value; absent (the SDK had none) is None, which is also what was signed."""
+    details: Any = None
+    """Any JSON value (parsed from the frame, so JSON by construction; typed Any so that deep nesting
+    is data, not a validation error); absent (the SDK had none) is None, which is also what was signed."""
 
 
 InboundMessage: TypeAlias = Response | V2JobRequest | V0JobCheated
