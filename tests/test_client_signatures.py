@@ -37,9 +37,8 @@ async def _send(sim: FacilitatorSimulator, signed: dict[str, Any]) -> dict[str, 
 
 async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_dispatched() -> None:
     dispatcher = Recorder()
-    config_ = dict(trusted_signatories=(BOB.ss58_address,))
     async with FacilitatorSimulator(seed=31) as sim:
-        async with running_client(fast_config(sim.url, **config_), dispatcher) as run:
+        async with running_client(fast_config(sim.url, trusted_signatories=(BOB.ss58_address,)), dispatcher) as run:
             await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
             untrusted = await _send(sim, sign_job(job_body(), CHARLIE))
             trusted = await _send(sim, sign_job(job_body(), BOB))
@@ -121,7 +120,7 @@ async def test_no_trusted_signatories_accepts_any_valid_signatory_and_warns_once
     dispatcher = Recorder()
     caplog.set_level(logging.WARNING, logger="streams.client")
     async with FacilitatorSimulator(seed=34) as sim:
-        async with running_client(fast_config(sim.url), dispatcher) as run:
+        async with running_client(fast_config(sim.url, trusted_signatories=()), dispatcher) as run:
             await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
             job = await _send(sim, sign_job(job_body(), CHARLIE))
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 10, "completed")
