@@ -7,11 +7,25 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from streams.exceptions import ConfigError
 from streams.signatures import public_key_of
 
+__all__ = ["ClientConfig", "ConfigError", "validate_ws_url"]
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or malformed; the message names the field."""
+
+def validate_ws_url(url: object, *, what: str = "url") -> None:
+    """Raise :class:`ConfigError` (a ValueError) unless ``url`` is a ws:// or wss:// URL with a host and valid port."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be a string like ws://127.0.0.1:8765/ws/v0/, got {type(url).__name__}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            f"{what} must be a ws:// or wss:// URL with a host, like ws://127.0.0.1:8765/ws/v0/; got {url!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed or out-of-range port
+    except ValueError as exc:
+        raise ConfigError(f"{what} has an invalid port: {url!r} ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +84,7 @@ class ClientConfig:
     statsd_prefix: str = "facilitator_client"
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ConfigError(
-                f"url must be a ws:// or wss:// URL with a host, like ws://127.0.0.1:8765/ws/v0/; got {self.url!r}"
-            )
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"url has an invalid port: {self.url!r} ({exc})") from None
+        validate_ws_url(self.url)
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_trusted_signers_file_lines_are_checked_and_named(tmp_path: Path) -> Non
 
 
 def test_trusted_signers_reach_the_client_config(tmp_path: Path) -> None:
-    from streams.cli import load_trusted_signers
+    from streams.cli.run import load_trusted_signers
 
     bob = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
     charlie = "5FLSigC9HGRKVhB9FiEo4Y3koPsNmBmLJbpXg2mp1hXcS59Y"

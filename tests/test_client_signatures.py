@@ -11,7 +11,7 @@ import pytest
 from bittensor_wallet import Keypair
 
 from streams.protocol import JobStatus, V0JobCheated, V2JobRequest
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, fast_config, running_client, wait_until
 from tests.signing import BOB, cheat_body, job_body, sign_cheat, sign_job
 
@@ -39,7 +39,7 @@ async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_disp
     dispatcher = Recorder()
     async with FacilitatorSimulator(seed=31) as sim:
         async with running_client(fast_config(sim.url, trusted_signatories=(BOB.ss58_address,)), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             untrusted = await _send(sim, sign_job(job_body(), CHARLIE))
             trusted = await _send(sim, sign_job(job_body(), BOB))
             own = await _send(sim, sign_job(job_body(), ALICE))  # the validator's own hotkey
@@ -80,7 +80,7 @@ async def test_a_job_whose_signature_fails_is_rejected_with_what_failed(tamper: 
     dispatcher = Recorder()
     async with FacilitatorSimulator(seed=32) as sim:
         async with running_client(fast_config(sim.url), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             job = await _send(sim, tamper(sign_job(job_body(args=[" --hello", "world "]))))
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "rejected", 10, "rejected stored")
             details = sim.stored_metadata[job["uuid"]][-1]["job_rejection_details"]
@@ -99,7 +99,7 @@ async def test_cheat_reports_that_fail_verification_are_events_not_on_cheat_call
     async with FacilitatorSimulator(seed=33) as sim:
         config = fast_config(sim.url, trusted_signatories=(BOB.ss58_address,))
         async with running_client(config, on_cheat=on_cheat) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             good = sign_cheat(cheat_body())
             dict_form = sign_cheat(cheat_body(details=None), dict_form=True)
             forged = {**sign_cheat(cheat_body()), "details": {"reason": "changed"}}
@@ -121,7 +121,7 @@ async def test_no_trusted_signatories_accepts_any_valid_signatory_and_warns_once
     caplog.set_level(logging.WARNING, logger="streams.client")
     async with FacilitatorSimulator(seed=34) as sim:
         async with running_client(fast_config(sim.url, trusted_signatories=()), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             job = await _send(sim, sign_job(job_body(), CHARLIE))
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 10, "completed")
             await sim.drop()
@@ -139,20 +139,20 @@ async def test_verify_signatures_false_runs_unsigned_jobs_and_says_so_loudly(
     caplog.set_level(logging.WARNING, logger="streams.client")
     async with FacilitatorSimulator(seed=35) as sim:
         async with running_client(fast_config(sim.url, verify_signatures=False), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             job = await _send(sim, {**job_body(), "signature": None})
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 10, "completed")
     (warning,) = run.events_of("CONFIG_WARNING")
     assert warning.subtype == "signatures_not_verified"
     assert any("verification is OFF" in r.message for r in caplog.records)
-    assert run.client.verifier is None
+    assert run.client._verifier is None
 
 
 async def test_signature_max_age_rejects_an_old_signature() -> None:
     dispatcher = Recorder()
     async with FacilitatorSimulator(seed=36) as sim:
         async with running_client(fast_config(sim.url, signature_max_age=30.0), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             old = sign_job(job_body(), timestamp_ns=1_700_000_000 * 10**9)
             fresh = sign_job(job_body())
             await _send(sim, old)

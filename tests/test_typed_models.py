@@ -6,6 +6,7 @@ streams.protocol, so that "report() accepted it" can be checked against "the fac
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, Literal
 
@@ -126,7 +127,7 @@ def _reporter() -> tuple[JobStatusUpdateManager, list[JobStatusUpdate], Any]:
     manager = JobStatusUpdateManager()
     queued: list[JobStatusUpdate] = []
     manager.updates.subscribe(queued.append)
-    manager.start()
+    asyncio.run(manager.start())
     return manager, queued, manager.open(JOB)
 
 
