@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from bittensor_wallet import Keypair
 
-from streams.protocol import JobStatus, V0JobCheated, V2JobRequest
 from streams.devtools.simulator import FacilitatorSimulator
+from streams.protocol import JobStatus, V0JobCheated, V2JobRequest
 from tests.helpers import ALICE, fast_config, running_client, wait_until
 from tests.signing import BOB, cheat_body, job_body, sign_cheat, sign_job
 
