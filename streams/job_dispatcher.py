@@ -100,7 +100,13 @@ class JobDispatcher:
         return len(self._tasks)
 
     def submit(self, job: V2JobRequest) -> None:
-        """Called for every inbound job request, on the loop thread; never blocks."""
+        """Called for every inbound job request, on the loop thread; never blocks.
+
+        A uuid is handled once (dedup first, so a forged copy of a job already running cannot end it
+        with a ``rejected``). Then the signature: a job that fails is reported ``rejected``
+        (``invalid_signature``, the message says what failed) and never reaches the dispatcher.
+        The check runs inline (~65-100 µs, about what decoding the frame costs; see bench.verify).
+        """
         if not self._accepting:
             log.warning("job %s not dispatched: the client is stopping", job.uuid)
             return
