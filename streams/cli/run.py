@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from streams.cli.common import CliError, Command, host_port, positive, run_until_signalled
+from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.config import ClientConfig
 from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
 from streams.events import SystemEvent
@@ -36,7 +36,7 @@ def register(sub: Any) -> dict[str, Command]:
     run.add_argument(
         "--dispatcher", help=f"required: {DISPATCHER_CHOICES} (`simulated` fakes the work: demos and tests only)"
     )
-    run.add_argument("--step-delay", type=float, default=0.5, help="simulated dispatcher: seconds per step")
+    run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
     trust = run.add_argument_group("who may sign jobs besides this validator's hotkey (none given: anyone, warned)")
     trust.add_argument("--trusted-signer", action="append", default=[], metavar="SS58", help="repeatable")
     trust.add_argument("--trusted-signers-file", type=Path, metavar="PATH", help="one ss58 per line, # comments")
@@ -107,8 +107,6 @@ def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | Non
 
         return dispatcher_from_args(args)
     if spec == "simulated":
-        if step_delay < 0:
-            raise CliError(f"--step-delay must be >= 0, got {step_delay}")
         return SimulatedDispatcher(step_delay)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
