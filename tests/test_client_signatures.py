@@ -29,10 +29,11 @@ class Recorder:
         report(JobStatus.COMPLETED, {"miner_response": {"docker_process_stdout": "", "docker_process_stderr": ""}})
 
 
-async def _send(sim: FacilitatorSimulator, signed: dict[str, Any]) -> dict[str, Any]:
-    """Deliver an already signed job request (the simulator keeps a given signature as is)."""
-    fields = {k: v for k, v in signed.items() if k not in ("uuid", "type", "message_type")}
-    return await sim.send_job_request(signed["uuid"], **fields)
+async def _send(sim: FacilitatorSimulator, frame: dict[str, Any]) -> dict[str, Any]:
+    """Deliver a job request exactly as given (signed here, or tampered with), as a created job."""
+    sim.register_job(frame["uuid"], frame)
+    await sim.send_raw(json.dumps(frame))
+    return frame
 
 
 async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_dispatched() -> None:

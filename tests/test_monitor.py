@@ -767,7 +767,7 @@ async def test_every_event_of_a_rough_session_is_json(sim: FacilitatorSimulator)
         await sim.send_job_request()
         await sim.send_job_request(signature={"signature_type": "bittensor"})  # JOB_REJECTED
         await sim.send_cheat_report(str(uuid.uuid4()))
-        await sim.send_cheat_report(str(uuid.uuid4()), signature=None)  # CHEAT_REJECTED
+        await sim.send_cheat_report(str(uuid.uuid4()), signature={"signature_type": "bittensor"})  # CHEAT_REJECTED
         run.client._statuses.open(str(uuid.uuid4()))("received")
         before_drop = {"MALFORMED_MESSAGE", "JOB_DISPATCH_FAILED", "CHEAT_HANDLER_FAILED", "ERROR_RESPONSE"}
         await wait_until(lambda: before_drop <= {str(e.type) for e in run.events}, 5, "four kinds of failure")
