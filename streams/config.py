@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from streams.exceptions import ConfigError
 from streams.protocol import MAX_FRAME_BYTES
+from streams.signatures import public_key_of
 
 __all__ = ["FACILITATOR_MAX_FRAME_BYTES", "AuthMode", "ClientConfig", "ConfigError", "validate_ws_url"]
 
@@ -92,6 +93,15 @@ class ClientConfig:
     dedup_window: int = 100_000
     """How many recent job uuids are remembered to dispatch each job once."""
 
+    verify_signatures: bool = True
+    """Verify every job request and cheat report before it reaches the host (PROTOCOL.md "Signatures").
+    False is for tests only, and the client warns about it at start."""
+    trusted_signatories: tuple[str, ...] = ()
+    """ss58 addresses allowed to sign jobs besides the validator's own hotkey. Empty: any valid
+    signatory is accepted (as a validator with no whitelist does), with a warning at start."""
+    signature_max_age: float | None = None
+    """Refuse a signature whose timestamp is further than this many seconds from now; None: no bound."""
+
     statsd_host: str | None = None
     statsd_port: int = 8125
     statsd_prefix: str = "facilitator_client"
@@ -117,8 +127,22 @@ class ClientConfig:
             raise ConfigError(
                 f"backoff_base ({self.backoff_base}) must not exceed backoff_cap ({self.backoff_cap})"
             )
+        self._check_signatories()
         if self.max_concurrent_jobs is not None and self.max_concurrent_jobs <= 0:
             raise ConfigError(f"max_concurrent_jobs must be > 0 or None, got {self.max_concurrent_jobs!r}")
+
+    def _check_signatories(self) -> None:
+        signatories = self.trusted_signatories
+        if isinstance(signatories, str) or not isinstance(signatories, tuple | list | frozenset | set):
+            raise ConfigError(
+                f"trusted_signatories must be a tuple of ss58 addresses, got {type(signatories).__name__}"
+            )
+        object.__setattr__(self, "trusted_signatories", tuple(signatories))
+        for index, address in enumerate(self.trusted_signatories):
+            try:
+                public_key_of(address)
+            except ValueError as exc:
+                raise ConfigError(f"trusted_signatories[{index}]: {exc}") from None
 
     @property
     def headers(self) -> dict[str, str]:

@@ -21,9 +21,10 @@ from streams.dispatchers.base import Dispatcher, Handler, ManagedDispatcher, Rep
 from streams.dispatchers.callback import as_dispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.lifecycle import TaskOwner
-from streams.protocol import JobStatus, JobStatusUpdate, V2JobRequest
+from streams.protocol import JobRejectionReason, JobStatus, JobStatusUpdate, V2JobRequest
+from streams.signatures import SignatureVerifier, Verification
 
-__all__ = ["JobDispatcher", "JobFailure"]
+__all__ = ["JobDispatcher", "JobFailure", "JobRejected"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 class JobFailure:
     job_uuid: str
     error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class JobRejected:
+    """A job not run because its signature did not verify; it was reported ``rejected``."""
+
+    job: V2JobRequest
+    verification: Verification
 
 
 class JobDispatcher:
@@ -43,7 +52,9 @@ class JobDispatcher:
         *,
         max_concurrent: int | None = 100,
         dedup_window: int = 100_000,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
+        """``verifier``: every job must pass it before dispatch; None dispatches unverified (tests)."""
         self._dispatcher = as_dispatcher(dispatcher)
         self._statuses = statuses
         self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
@@ -54,6 +65,8 @@ class JobDispatcher:
         self._dispatched: Subject[V2JobRequest] = Subject()
         self._duplicates: Subject[V2JobRequest] = Subject()
         self._failures: Subject[JobFailure] = Subject()
+        self._verifier = verifier
+        self._rejected: Subject[JobRejected] = Subject()
         self._finished: Subject[str] = Subject()
 
     @property
@@ -73,6 +86,11 @@ class JobDispatcher:
         return self._failures
 
     @property
+    def rejected(self) -> reactivex.Observable[JobRejected]:
+        """Jobs refused by signature verification (never dispatched)."""
+        return self._rejected
+
+    @property
     def finished(self) -> reactivex.Observable[str]:
         """Job uuids whose dispatcher call returned, raised or was cancelled."""
         return self._finished
@@ -82,7 +100,13 @@ class JobDispatcher:
         return len(self._tasks)
 
     def submit(self, job: V2JobRequest) -> None:
-        """Called for every inbound job request, on the loop thread; never blocks."""
+        """Called for every inbound job request, on the loop thread; never blocks.
+
+        A uuid is handled once (dedup first, so a forged copy of a job already running cannot end it
+        with a ``rejected``). Then the signature: a job that fails is reported ``rejected``
+        (``invalid_signature``, the message says what failed) and never reaches the dispatcher.
+        The check runs inline (~65-100 µs, about what decoding the frame costs; see bench.verify).
+        """
         if not self._accepting:
             log.warning("job %s not dispatched: the client is stopping", job.uuid)
             return
@@ -92,8 +116,16 @@ class JobDispatcher:
         self._seen[job.uuid] = None
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
+        verification = None if self._verifier is None else self._verifier.verify_job(job)
         report = self._statuses.open(job.uuid)
         try:
+            if verification is not None and not verification.ok:
+                update = JobStatusUpdate.rejected(
+                    job.uuid, JobRejectionReason.INVALID_SIGNATURE, verification.message
+                )
+                report(update.status, update.metadata)
+                self._rejected.on_next(JobRejected(job, verification))
+                return
             report(JobStatus.RECEIVED)
         except ValueError as exc:
             # A uuid that is not a UUID: no status can ever be reported for this job, so it is not
@@ -136,5 +168,5 @@ class JobDispatcher:
         await self._tasks.aclose()
         if isinstance(self._dispatcher, ManagedDispatcher):
             await self._dispatcher.stop()
-        for subject in (self._dispatched, self._duplicates, self._failures, self._finished):
+        for subject in (self._dispatched, self._duplicates, self._failures, self._rejected, self._finished):
             subject.on_completed()

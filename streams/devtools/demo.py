@@ -91,6 +91,8 @@ async def run_demo(
             backoff_cap=0.5,
             backoff_stable_after=2.0,
             backoff_seed=seed,
+            # The simulator signs its jobs with the dev key //Bob: trusted here as a facilitator's signer would be.
+            trusted_signatories=(Keypair.create_from_uri("//Bob").ss58_address,),
         )
         recorder = transport = None
         if record is not None:
