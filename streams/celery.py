@@ -78,11 +78,13 @@ STREAM_KEY = "facilitator-streams:statuses"
 GROUP = "facilitator-client"
 DEFAULT_QUEUE = "facilitator-jobs"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+DEFAULT_VISIBILITY_TIMEOUT = 600.0
 
 ENV_BROKER = "FACILITATOR_STREAMS_BROKER"
 ENV_QUEUE = "FACILITATOR_STREAMS_QUEUE"
 ENV_STREAM_KEY = "FACILITATOR_STREAMS_STREAM_KEY"
 ENV_STEP_DELAY = "FACILITATOR_STREAMS_STEP_DELAY"
+ENV_VISIBILITY_TIMEOUT = "FACILITATOR_STREAMS_VISIBILITY_TIMEOUT"
 
 LIFECYCLE = (JobStatus.ACCEPTED, JobStatus.EXECUTOR_READY, JobStatus.VOLUMES_READY, JobStatus.EXECUTION_DONE)
 """In-progress statuses the sample task plays before its final one."""
@@ -283,21 +285,31 @@ def make_celery_app(
     step_delay: float = 0.5,
     redis_url: str | None = None,
     task_name: str = TASK_NAME,
-    acks_late: bool = False,
+    acks_late: bool = True,
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
 ) -> Any:
     """A Celery app for both sides: the validator publishes with it, workers run its sample task.
 
-    ``redis_url`` is where the status stream lives (default: the broker). ``acks_late`` is off by
-    default because a job is not idempotent: with Redis as the broker, a late-acknowledged task whose
-    worker lost its broker connection (a Redis restart) runs again after the visibility timeout.
-    Turn it on when re-running a job is cheaper than losing the one a crashed worker held.
+    ``redis_url`` is where the status stream lives (default: the broker). Built to survive a Redis
+    restart (see :mod:`streams.celery_resilience`): the broker connection is retried forever, tasks
+    are acknowledged late (after they ran) and re-queued when their worker is lost, so a job is
+    never lost with its worker. The price is that a job may run twice (its worker died mid-job, or
+    its ack could not reach Redis): harmless here, since a status already stored is answered
+    ``job.integrity_error`` by the facilitator, which the client counts as acknowledged.
+    ``visibility_timeout`` (s) must exceed the longest job: a message delivered that long ago and
+    never acknowledged (its worker died) goes back on the queue, and a job still running that long
+    is run a second time.
     """
     from celery import Celery
 
+    from streams import celery_resilience
+
     if not queue:
         raise ValueError("queue must be a non-empty name")
-    if step_delay < 0:
-        raise ValueError(f"step_delay must be >= 0, got {step_delay!r}")
+    if not step_delay >= 0 or math.isinf(step_delay):
+        raise ValueError(f"step_delay must be a finite number >= 0, got {step_delay!r}")
+    if not visibility_timeout >= 1 or math.isinf(visibility_timeout):
+        raise ValueError(f"visibility_timeout must be a finite number of seconds >= 1, got {visibility_timeout!r}")
     _check_redis_url(redis_url or broker_url)
     app = Celery("facilitator_streams", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -307,24 +319,36 @@ def make_celery_app(
         accept_content=["json"],
         task_ignore_result=True,
         task_acks_late=acks_late,
+        task_reject_on_worker_lost=acks_late,  # a worker process that died: its job goes back on the queue
         worker_prefetch_multiplier=1,
+        broker_connection_retry=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # forever (ResilientConsumer also shortens the delays)
         broker_connection_timeout=2.0,
-        # A publish must not hang on a dead connection: it runs in a thread the client waits for.
-        broker_transport_options={"socket_connect_timeout": 2.0, "socket_timeout": 10.0},
-        # Only acks_late tasks are affected; being explicit silences Celery's pending-change warning.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options={
+            # A publish must not hang on a dead connection: it runs in a thread the client waits for.
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 10.0,
+            "visibility_timeout": visibility_timeout,
+            # How soon a message left unacknowledged by a dead worker is noticed once it is visible.
+            "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
+            "unacked_restore_throttle": 1,
+        },
+        # A running job is not cancelled when the connection drops: it finishes, its statuses are
+        # retried until Redis is back, and ResilientRequest acknowledges it on the new connection.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         facilitator_streams_stream_key=stream_key,
         facilitator_streams_step_delay=step_delay,
         facilitator_streams_redis_url=redis_url or broker_url,
     )
+    celery_resilience.install(app)
 
     def run_job(raw_job: dict[str, Any]) -> str:
         """The sample task: plays a job's lifecycle, reporting each status to the stream."""
         final = play_lifecycle(raw_job, reporter_for(app).report, float(app.conf.facilitator_streams_step_delay))
         return final.value
 
-    app.task(name=task_name)(run_job)
+    app.task(name=task_name, Request=celery_resilience.ResilientRequest)(run_job)
     return app
 
 
@@ -819,6 +843,9 @@ def register_cli(sub: Any) -> dict[str, Command]:
     worker.add_argument("--concurrency", type=int, default=8, help="jobs run at once (default 8)")
     worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"],
                         help="Celery worker pool (default threads: the sample job only sleeps)")
+    worker.add_argument("--visibility-timeout", type=float, default=DEFAULT_VISIBILITY_TIMEOUT, metavar="SECONDS",
+                        help="longer than your longest job: a job whose worker died is run again after it "
+                             f"(default {DEFAULT_VISIBILITY_TIMEOUT:g})")
     return {"worker": _worker}
 
 
@@ -850,6 +877,7 @@ def worker_command(
     pool: str = "threads",
     stream_key: str = STREAM_KEY,
     log_level: str = "WARNING",
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
 ) -> tuple[list[str], dict[str, str]]:
     """The plain ``celery ... worker`` command (argv, extra environment) that ``worker`` runs."""
     argv = [
@@ -857,18 +885,25 @@ def worker_command(
         "--queues", queue, "--pool", pool, "--concurrency", str(concurrency), "--loglevel", log_level,
         "--hostname", f"facilitator-streams-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
     ]
-    env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay)}
+    env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay),
+           ENV_VISIBILITY_TIMEOUT: repr(visibility_timeout)}
     return argv, env
 
 
 async def _worker(args: argparse.Namespace) -> None:
-    """Replace this process with the Celery worker: Celery then owns signals (SIGTERM: warm shutdown)."""
+    """Run the Celery worker as a supervised child: restarted if it ever dies of a broker error.
+
+    SIGINT/SIGTERM are forwarded to it (Celery's warm shutdown: running jobs finish); a second
+    SIGINT is Celery's cold shutdown. The exit status is the worker's.
+    """
     from streams.cli import CliError
 
-    if args.step_delay < 0:
-        raise CliError(f"--step-delay must be >= 0, got {args.step_delay}")
+    if not args.step_delay >= 0 or math.isinf(args.step_delay):
+        raise CliError(f"--step-delay must be a finite number >= 0, got {args.step_delay}")
     if args.concurrency < 1:
         raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if not args.visibility_timeout >= 1 or math.isinf(args.visibility_timeout):
+        raise CliError(f"--visibility-timeout must be a finite number of seconds >= 1, got {args.visibility_timeout}")
     try:
         _check_redis_url(args.broker)
     except ValueError as exc:
@@ -880,10 +915,12 @@ async def _worker(args: argparse.Namespace) -> None:
         raise CliError(
             f"the worker needs the celery extra (pip install 'facilitator-streams[celery]'): {exc}"
         ) from None
+    from streams.celery_resilience import supervise
+
     argv, env = worker_command(
         args.broker, args.queue, step_delay=args.step_delay, concurrency=args.concurrency, pool=args.pool,
-        stream_key=args.stream_key, log_level=args.log_level,
+        stream_key=args.stream_key, log_level=args.log_level, visibility_timeout=args.visibility_timeout,
     )
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, argv, {**os.environ, **env})
+    rc = await supervise(argv, env)
+    if rc:
+        raise SystemExit(rc)

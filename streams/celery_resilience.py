@@ -1,0 +1,417 @@
+"""What keeps a Celery worker alive and its jobs moving through a Redis restart.
+
+Celery 5 / kombu alone, with Redis SIGKILLed and restarted under a busy worker, lose jobs or the
+worker: the ack of a task that finishes after the connection was replaced goes to a closed channel
+(``AttributeError: 'NoneType' object has no attribute 'hostname'``, "Unrecoverable error"), the
+messages the worker had reserved cannot be put back while Redis is down and wait in kombu's
+``unacked`` hash for the visibility timeout, and the reconnect backoff grows to 30 s. Here:
+
+* :class:`ResilientConsumer` reconnects forever, 0.5 s … 5 s apart, one log line per attempt;
+* :class:`ResilientRequest` acknowledges a task whose channel is gone straight in Redis (what
+  kombu's ack does), so a job that ran through the outage is not run again;
+* :class:`RestoreHeld` (a consumer bootstep) puts back on the queue, at every reconnect, the
+  messages this worker held but never started, so they run within seconds instead of after the
+  visibility timeout;
+* :func:`supervise` runs the worker as a child process and restarts it if it dies anyway.
+
+A job that still runs twice (its worker died, or its ack could not reach Redis) is harmless: its
+statuses are duplicates that the facilitator answers ``job.integrity_error`` and the validator's
+client counts as acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
+from kombu.transport import redis as kombu_redis
+
+from operators import Backoff
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger(__name__)
+
+RECONNECT_START = 0.5
+RECONNECT_STEP = 1.0
+RECONNECT_MAX = 5.0
+"""Broker reconnect delays (s): 0.5, 1.5, 2.5, … capped at 5, forever."""
+
+DIRECT_ACK_RETRY_FOR = 60.0
+
+
+def _redact(url: str) -> str:
+    from streams.celery import _redact as redact
+
+    return redact(url)
+
+
+# --------------------------------------------------------------------------- reconnecting forever
+
+
+class ResilientConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, reconnecting to the broker forever with short, logged, capped delays."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Running tasks are not cancelled on a connection loss (they finish; ResilientRequest acks
+        # them): Celery warns about its future default at every loss otherwise. Added here, after
+        # Celery's logging setup turned its own warnings to "always".
+        warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
+
+    def ensure_connected(self, conn: Any) -> Any:
+        from celery.worker.state import maybe_shutdown
+
+        where = _redact(str(self.app.conf.broker_url))
+
+        attempts = 0
+
+        def on_error(exc: BaseException, interval: float) -> None:
+            nonlocal attempts
+            attempts += 1
+            log.warning(
+                "broker %s unreachable (%s: %s); retry %d in %.1f s", where, type(exc).__name__,
+                str(exc).strip().rstrip("."), attempts, interval,
+            )
+
+        conn = conn.ensure_connection(
+            on_error, None,  # max_retries None: forever
+            interval_start=RECONNECT_START, interval_step=RECONNECT_STEP, interval_max=RECONNECT_MAX,
+            callback=maybe_shutdown,  # SIGINT/SIGTERM end the waiting within a second
+        )
+        if attempts:
+            log.warning("broker %s reachable again after %d failed attempts", where, attempts)
+        self.first_connection_attempt = False
+        return conn
+
+
+# --------------------------------------------------------------------------- the messages a worker holds
+
+
+class _QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """Record a delivered message in kombu's unacked hash; if Redis is gone, keep it to put back.
+
+        kombu pops a message off the queue (BRPOP) and only then records it as unacknowledged: a
+        connection lost in between would lose the message. It is kept here instead, and
+        :class:`RestoreHeld` puts it back on the queue once the broker is reachable again.
+        """
+        try:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+        except self.channel.connection_errors:
+            STRANDED.add(message)
+            raise
+
+
+class _Channel(kombu_redis.Channel):
+    QoS = _QoS
+
+
+class ResilientRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport, keeping the message a lost connection interrupted on its way in."""
+
+    Channel = _Channel
+
+
+class StrandedMessages:
+    """Messages taken off the queue whose delivery failed with the connection: to put back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: list[Any] = []
+
+    def add(self, message: Any) -> None:
+        log.warning("a task message arrived as the broker connection dropped: it goes back on the queue "
+                    "once the broker is reachable")
+        with self._lock:
+            self._messages.append(message)
+
+    def take(self) -> list[Any]:
+        with self._lock:
+            messages, self._messages = self._messages, []
+        return messages
+
+
+STRANDED = StrandedMessages()
+
+
+class HeldMessages:
+    """Delivery tags of the task messages this worker process received and has not acknowledged."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, Request] = {}
+
+    def add(self, request: Request) -> None:
+        tag = _tag(request)
+        if tag is not None:
+            with self._lock:
+                self._held[tag] = request
+
+    def discard(self, request: Request) -> None:
+        tag = _tag(request)
+        if tag is not None:
+            with self._lock:
+                if self._held.get(tag) is request:
+                    del self._held[tag]
+
+    def take_orphans(self, channel: Any) -> list[tuple[str, Request]]:
+        """Held messages of channels other than ``channel`` that are not running: never to be run here."""
+        from celery.worker.state import active_requests
+
+        running = set(map(id, active_requests))
+        with self._lock:
+            orphans = [(tag, request) for tag, request in self._held.items()
+                       if request.message.channel is not channel and id(request) not in running]
+            for tag, _ in orphans:
+                del self._held[tag]
+        return orphans
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+HELD = HeldMessages()
+
+
+def _tag(request: Request) -> str | None:
+    tag = getattr(request.message, "delivery_tag", None)
+    return None if tag is None else str(tag)
+
+
+def _channel_usable(channel: Any) -> bool:
+    """False once kombu closed the channel (its connection was replaced after a broker error)."""
+    transport = getattr(channel, "connection", None)
+    return not getattr(channel, "closed", False) and transport is not None and \
+        getattr(transport, "client", None) is not None
+
+
+class ResilientRequest(Request):  # type: ignore[misc]
+    """A task request whose acknowledgement survives the replacement of its broker connection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        HELD.add(self)
+
+    acknowledged: bool
+
+    def acknowledge(self) -> None:
+        if self.acknowledged:
+            return
+        self.acknowledged = True
+        HELD.discard(self)
+        message = self.message
+        if _channel_usable(message.channel):
+            try:
+                message.ack()
+                return
+            except Exception as exc:  # Redis went away under the ack: do it ourselves below
+                log.info("ack of task %s failed on its channel (%s: %s); acknowledging in Redis directly",
+                         self.id, type(exc).__name__, exc)
+        janitor_for(self.task.app).ack(str(message.delivery_tag), self.id)
+
+    def reject(self, requeue: bool = False) -> None:
+        if self.acknowledged:
+            return
+        HELD.discard(self)
+        if _channel_usable(self.message.channel):
+            super().reject(requeue)
+            return
+        self.acknowledged = True
+        if requeue:
+            # The message stays in kombu's unacked hash: the next reconnect or the visibility timeout
+            # puts it back on the queue.
+            log.warning("task %s rejected after its broker connection was replaced: redelivered later", self.id)
+        else:
+            janitor_for(self.task.app).ack(str(self.message.delivery_tag), self.id)
+
+
+# --------------------------------------------------------------------------- acting on kombu's keys
+
+
+class BrokerJanitor:
+    """Direct operations on kombu's Redis bookkeeping, from a connection of its own."""
+
+    def __init__(self, broker_url: str, transport_options: Mapping[str, Any]) -> None:
+        prefix = str(transport_options.get("global_keyprefix") or "")
+        self.unacked_key = prefix + str(transport_options.get("unacked_key") or "unacked")
+        self.unacked_index_key = prefix + str(transport_options.get("unacked_index_key") or "unacked_index")
+        self.broker_url = broker_url
+        self._client: redis.Redis | None = None
+        self._lock = threading.Lock()
+
+    def _redis(self) -> redis.Redis:
+        with self._lock:
+            if self._client is None:
+                import redis
+                from redis.backoff import NoBackoff
+                from redis.retry import Retry
+
+                self._client = redis.Redis.from_url(
+                    self.broker_url, socket_connect_timeout=2.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 0)
+                )
+            return self._client
+
+    def ack(self, tag: str, task_id: str, retry_for: float = DIRECT_ACK_RETRY_FOR) -> bool:
+        """Remove a delivered message from kombu's unacked hash and index (kombu's Redis ack)."""
+        import redis
+
+        backoff = Backoff(0.1, 2.0, stable_after=0.0)
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                pipe = self._redis().pipeline()
+                pipe.zrem(self.unacked_index_key, tag)
+                pipe.hdel(self.unacked_key, tag)
+                pipe.execute()
+                return True
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    log.warning(
+                        "task %s finished but its ack never reached the broker (%s); it runs again after the "
+                        "visibility timeout (harmless: its statuses are duplicates)", task_id, exc,
+                    )
+                    return False
+                time.sleep(delay)
+
+
+_janitors_lock = threading.Lock()
+
+
+def janitor_for(app: Any) -> BrokerJanitor:
+    janitor = getattr(app, "_facilitator_streams_janitor", None)
+    if janitor is None:
+        with _janitors_lock:
+            janitor = getattr(app, "_facilitator_streams_janitor", None)
+            if janitor is None:
+                janitor = BrokerJanitor(app.conf.broker_url, app.conf.broker_transport_options or {})
+                app._facilitator_streams_janitor = janitor
+    assert isinstance(janitor, BrokerJanitor)
+    return janitor
+
+
+class RestoreHeld(bootsteps.StartStopStep):  # type: ignore[misc]
+    """At every (re)connection: back to the queue with what this worker held but will never run."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        channel = c.task_consumer.channel if c.task_consumer is not None else None
+        orphans = HELD.take_orphans(channel)
+        stranded = STRANDED.take()
+        if not orphans and not stranded:
+            return
+        default = c.connection.default_channel
+        restored = 0
+        try:
+            for tag, _request in orphans:
+                default.qos.restore_by_tag(tag)
+                restored += 1
+            for message in stranded:
+                info = message.delivery_info
+                with default.conn_or_acquire() as client, client.pipeline() as pipe:
+                    default._do_restore_message(message._raw, info["exchange"], info["routing_key"], pipe, False)
+                    pipe.execute()
+                restored += 1
+        except c.connection_errors:
+            for _, request in orphans[restored:]:
+                HELD.add(request)  # tried again at the next reconnect
+            for message in stranded[max(0, restored - len(orphans)):]:
+                STRANDED.add(message)
+            raise
+        log.warning("put %d task messages back on the queue that this worker held when the broker connection "
+                    "dropped and never started", restored)
+
+
+def install(app: Any) -> None:
+    """Wire the above into a Celery app (``make_celery_app`` does)."""
+    app.conf.worker_consumer = f"{__name__}:ResilientConsumer"
+    app.conf.broker_transport = f"{__name__}:ResilientRedisTransport"
+    app.steps["consumer"].add(RestoreHeld)
+
+
+# --------------------------------------------------------------------------- supervising the worker
+
+
+RESTART_BACKOFF = (1.0, 30.0)
+STABLE_AFTER = 60.0
+
+
+async def supervise(argv: Sequence[str], env: Mapping[str, str], *, rng_seed: int | None = None) -> int:
+    """Run ``argv`` as a child; restart it whenever it dies without being asked to; forward SIGINT/SIGTERM.
+
+    The child gets its own session, so a terminal's Ctrl-C reaches it once (from here), and
+    ``PR_SET_PDEATHSIG`` (Linux) so it does not outlive a supervisor that is SIGKILLed. Returns the
+    child's exit status once a signal asked it to stop (or it exited 0 by itself: a remote shutdown).
+    """
+    import random
+
+    loop = asyncio.get_running_loop()
+    stop_signal: int | None = None
+    child: asyncio.subprocess.Process | None = None
+    woken = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        nonlocal stop_signal
+        stop_signal = signum
+        woken.set()
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    backoff = Backoff(*RESTART_BACKOFF, stable_after=STABLE_AFTER, rng=random.Random(rng_seed))
+    try:
+        while True:
+            started = time.monotonic()
+            child = await asyncio.create_subprocess_exec(
+                *argv, env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+            log.warning("celery worker started (pid %d)", child.pid)
+            if stop_signal is not None:  # a signal came while it was starting
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(stop_signal)
+            rc = await child.wait()
+            if stop_signal is not None or rc == 0:
+                return rc if rc >= 0 else 128 - rc
+            if time.monotonic() - started >= STABLE_AFTER:
+                backoff.reset()
+            delay = backoff.next_delay()
+            log.error("celery worker (pid %d) exited with status %d; restarting it in %.1f s (restart %d)",
+                      child.pid, rc, delay, backoff.attempt)
+            woken.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), delay)
+            if stop_signal is not None:
+                return 128 + stop_signal
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        if child is not None and child.returncode is None:  # cancelled: do not leave it behind
+            child.kill()
+            await child.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the supervisor dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
