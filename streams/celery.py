@@ -67,6 +67,7 @@ __all__ = [
     "encode_entry",
     "make_celery_app",
     "play_lifecycle",
+    "refuse_celery_flags",
     "register_cli",
     "report",
     "reporter_for",
@@ -433,11 +434,15 @@ class CeleryDispatcher:
         self._room = asyncio.Event()
         self._room.set()
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self._stored: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """(job uuid, status) the facilitator already answered: a later entry for it is a rerun's duplicate."""
         self.delivered = 0
         """Entries reported to the client (redelivered ones included)."""
         self.recovered = 0
         """Entries resent from the pending list: read before (by a predecessor or a vanished consumer), never XACKed."""
         self.acknowledged = 0
+        self.duplicates = 0
+        """Entries not sent because the facilitator already answered their (job, status): a job run twice."""
         self.malformed = 0
         self.published = 0
 
@@ -663,6 +668,12 @@ class CeleryDispatcher:
                 self._queue_ack(entry_id)
                 continue
             key = (update.uuid, update.status.value)
+            if key in self._stored:
+                # A job run twice (acks_late: its worker or its ack was lost with Redis) reports its
+                # statuses again; the facilitator would answer job.integrity_error: not sent at all.
+                self.duplicates += 1
+                self._queue_ack(entry_id)
+                continue
             self._inflight[entry_id] = key
             ids = self._by_key.setdefault(key, deque())
             ids.append(entry_id)
@@ -699,6 +710,9 @@ class CeleryDispatcher:
             if not ids:
                 del self._by_key[key]
             self._queue_ack(entry_id)
+            self._stored[key] = None
+            if len(self._stored) > 100_000:
+                self._stored.popitem(last=False)
         except Exception:
             log.exception("matching an acknowledgement to its stream entry failed")
 
@@ -826,12 +840,13 @@ def register_cli(sub: Any) -> dict[str, Command]:
     """Adds ``worker`` and, to ``run``, the flags of ``--dispatcher celery``."""
     run = sub.choices.get("run")
     if run is not None:
+        # Defaults are None so that giving one of these without --dispatcher celery can be refused.
         group = run.add_argument_group("--dispatcher celery (jobs run on Celery workers)")
         group.add_argument("--broker", metavar="URL", help="Redis broker, e.g. redis://127.0.0.1:6379/0")
-        group.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue (default {DEFAULT_QUEUE})")
-        group.add_argument("--task-name", default=TASK_NAME, help=f"Celery task run per job (default {TASK_NAME})")
-        group.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream of the workers' statuses")
-        group.add_argument("--group", default=GROUP, help="consumer group reading the stream")
+        group.add_argument("--queue", help=f"Celery queue (default {DEFAULT_QUEUE})")
+        group.add_argument("--task-name", help=f"Celery task run per job (default {TASK_NAME})")
+        group.add_argument("--stream-key", help=f"Redis Stream of the workers' statuses (default {STREAM_KEY})")
+        group.add_argument("--group", help=f"consumer group reading the stream (default {GROUP})")
         group.add_argument("--consumer", default=None,
                            help="this client's name in the group: stable across restarts (default: host name)")
 
@@ -849,6 +864,22 @@ def register_cli(sub: Any) -> dict[str, Command]:
     return {"worker": _worker}
 
 
+_RUN_FLAGS = {"broker": "--broker", "queue": "--queue", "task_name": "--task-name", "stream_key": "--stream-key",
+              "group": "--group", "consumer": "--consumer"}
+"""``run``'s flags that only mean something with ``--dispatcher celery`` (argparse dest -> flag)."""
+
+
+def refuse_celery_flags(args: argparse.Namespace) -> None:
+    """``run --broker ...`` without ``--dispatcher celery``: an error, not a flag silently ignored."""
+    from streams.cli import CliError
+
+    given = [flag for dest, flag in _RUN_FLAGS.items() if getattr(args, dest, None) is not None]
+    if given and getattr(args, "dispatcher", None) != "celery":
+        verb = "applies" if len(given) == 1 else "apply"
+        raise CliError(f"{', '.join(given)} only {verb} to --dispatcher celery "
+                       f"(this run uses --dispatcher {args.dispatcher})")
+
+
 def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
     """The CeleryDispatcher of ``run --dispatcher celery --broker URL --queue NAME``."""
     from streams.cli import CliError
@@ -856,10 +887,14 @@ def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
     broker = getattr(args, "broker", None)
     if not broker:
         raise CliError("--dispatcher celery needs --broker URL (e.g. redis://127.0.0.1:6379/0)")
+
+    def given(value: str | None, default: str) -> str:
+        return default if value is None else value
+
     try:
         return CeleryDispatcher(
-            broker, args.queue, task_name=args.task_name, stream_key=args.stream_key, group=args.group,
-            consumer=args.consumer,
+            broker, given(args.queue, DEFAULT_QUEUE), task_name=given(args.task_name, TASK_NAME),
+            stream_key=given(args.stream_key, STREAM_KEY), group=given(args.group, GROUP), consumer=args.consumer,
         )
     except ImportError as exc:
         raise CliError(f"--dispatcher celery needs the celery extra (pip install 'facilitator-streams[celery]'): "

@@ -352,26 +352,33 @@ STABLE_AFTER = 60.0
 
 
 async def supervise(argv: Sequence[str], env: Mapping[str, str], *, rng_seed: int | None = None) -> int:
-    """Run ``argv`` as a child; restart it whenever it dies without being asked to; forward SIGINT/SIGTERM.
+    """Run ``argv`` (a Celery worker) as a child; restart it whenever it dies without being asked to.
 
-    The child gets its own session, so a terminal's Ctrl-C reaches it once (from here), and
-    ``PR_SET_PDEATHSIG`` (Linux) so it does not outlive a supervisor that is SIGKILLed. Returns the
-    child's exit status once a signal asked it to stop (or it exited 0 by itself: a remote shutdown).
+    The first SIGINT/SIGTERM becomes a SIGTERM for the child (Celery's warm shutdown: running jobs
+    finish, exit status 0), a second one a SIGQUIT (cold shutdown). The child gets its own session,
+    so a terminal's Ctrl-C reaches it only through here, and ``PR_SET_PDEATHSIG`` (Linux), so it
+    does not outlive a supervisor that is SIGKILLed. Returns the child's exit status once asked to
+    stop (or once it exited 0 by itself: a remote shutdown).
     """
     import random
 
     loop = asyncio.get_running_loop()
-    stop_signal: int | None = None
+    signals_received = 0
     child: asyncio.subprocess.Process | None = None
     woken = asyncio.Event()
 
-    def on_signal(signum: int) -> None:
-        nonlocal stop_signal
-        stop_signal = signum
-        woken.set()
+    def forward() -> None:
         if child is not None and child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
+                child.send_signal(signal.SIGTERM if signals_received == 1 else signal.SIGQUIT)
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_received
+        signals_received += 1
+        log.warning("%s: stopping the celery worker (%s)", signal.Signals(signum).name,
+                    "warm shutdown: running jobs finish" if signals_received == 1 else "cold shutdown")
+        woken.set()
+        forward()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -383,11 +390,12 @@ async def supervise(argv: Sequence[str], env: Mapping[str, str], *, rng_seed: in
                 *argv, env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_parent,
             )
             log.warning("celery worker started (pid %d)", child.pid)
-            if stop_signal is not None:  # a signal came while it was starting
-                with contextlib.suppress(ProcessLookupError):
-                    child.send_signal(stop_signal)
+            if signals_received:  # a signal came while it was starting
+                forward()
             rc = await child.wait()
-            if stop_signal is not None or rc == 0:
+            if signals_received and rc == -signal.SIGTERM:
+                return 0  # stopped before Celery installed its handlers: nothing was running
+            if signals_received or rc == 0:
                 return rc if rc >= 0 else 128 - rc
             if time.monotonic() - started >= STABLE_AFTER:
                 backoff.reset()
@@ -397,8 +405,8 @@ async def supervise(argv: Sequence[str], env: Mapping[str, str], *, rng_seed: in
             woken.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), delay)
-            if stop_signal is not None:
-                return 128 + stop_signal
+            if signals_received:
+                return 0
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

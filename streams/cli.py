@@ -105,6 +105,10 @@ def load_signer(args: argparse.Namespace) -> Any:
 
 
 def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | None = None) -> Dispatcher:
+    if args is not None:
+        from streams.celery import refuse_celery_flags
+
+        refuse_celery_flags(args)  # flags that only make sense together are checked together
     if spec == "celery" and args is not None:
         from streams.celery import dispatcher_from_args
 

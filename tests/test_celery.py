@@ -182,6 +182,20 @@ def test_cli_refuses_bad_celery_flags(capsys: pytest.CaptureFixture[str]) -> Non
     assert "needs a Redis URL" in capsys.readouterr().err
     assert cli_main(["worker", "--broker", "redis://127.0.0.1:9/0", "--concurrency", "0"]) == 2
     assert "--concurrency must be >= 1" in capsys.readouterr().err
+    assert cli_main(["worker", "--broker", "redis://127.0.0.1:9/0", "--visibility-timeout", "nan"]) == 2
+    assert "--visibility-timeout must be a finite number of seconds >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dispatcher", [[], ["--dispatcher", "simulated"], ["--dispatcher", "tests.helpers:x"]])
+def test_cli_refuses_celery_flags_without_the_celery_dispatcher(
+    dispatcher: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["run", "--url", "ws://127.0.0.1:9/ws/v0/", "--hotkey-uri", "//Alice", *dispatcher]
+    assert cli_main([*run, "--broker", "redis://127.0.0.1:9/0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --broker only applies to --dispatcher celery") and err.count("\n") == 1, err
+    assert cli_main([*run, "--queue", "q", "--consumer", "me"]) == 2
+    assert "error: --queue, --consumer only apply to --dispatcher celery" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- real Redis and Celery
@@ -360,6 +374,105 @@ async def test_redis_restarted_mid_run_is_reported_and_nothing_is_lost(
     assert any(m.startswith("broker unavailable at") for m in messages), messages
     assert any(m.startswith("redis reachable again") for m in messages), messages
     assert all(isinstance(f.retry_in, float) for f in failures)
+
+
+RESTART_SEEDS = range(1201, 1206)
+"""One Redis SIGKILL and restart per seed (printed); the seed picks the moment and the outage length."""
+
+
+@pytest.mark.timeout(75)
+async def test_worker_survives_redis_killed_and_restarted_five_times(tmp_path: Path) -> None:
+    """Redis (appendonly) SIGKILLed mid-run and restarted, 5 times under one worker and one client.
+
+    The same Celery worker process lives through every restart (never restarted by its
+    supervisor), and every job completes, with its statuses in order, within seconds of Redis
+    coming back. A job that ran twice is harmless: its duplicates are not sent again.
+    """
+    queue = "facilitator-restart-loop"
+    with redis_and_worker(tmp_path, queue, persistent=True, step_delay=0.05) as (redis_server, worker):
+        first_pid = worker.celery_pids()
+        async with FacilitatorSimulator(seed=21) as sim:
+            dispatcher = CeleryDispatcher(redis_server.url, queue, block_ms=200, backoff_base=0.05, backoff_cap=0.3)
+            async with running_client(fast_config(sim.url), dispatcher):
+                await sim.wait_for(lambda: sim.authenticated_connections >= 1, 5, "authenticated")
+                everything: list[dict[str, Any]] = []
+                for seed in RESTART_SEEDS:
+                    rng = random.Random(seed)
+                    accepted_before_kill, extra_outage = rng.randint(1, 16), rng.uniform(0.0, 1.5)
+                    jobs = [await sim.send_job_request() for _ in range(24)]
+                    everything += jobs
+                    await sim.wait_for(
+                        lambda: sum("accepted" in sim.stored[j["uuid"]] for j in jobs) >= accepted_before_kill,  # noqa: B023
+                        10, f"{accepted_before_kill} jobs accepted",
+                    )
+                    unfinished = sum(not finished(sim, [j]) for j in jobs)
+                    noticed = worker.text().count(" unreachable (")
+                    redis_server.kill()
+                    # The worker notices (a broker reconnect attempt is refused), then the outage lasts
+                    # a seeded while longer: a fault's length, nothing is asserted on it.
+                    await wait_until(lambda: worker.text().count(" unreachable (") > noticed, 10,  # noqa: B023
+                                     "the worker to notice the outage")
+                    await asyncio.sleep(extra_outage)
+                    await asyncio.to_thread(redis_server.start)
+                    back = time.monotonic()
+                    await sim.wait_for(lambda: finished(sim, jobs), 20, f"seed {seed}: every job finished")  # noqa: B023
+                    took = time.monotonic() - back
+                    print(f"seed {seed}: killed with {unfinished}/24 jobs unfinished ({accepted_before_kill} "
+                          f"accepted), down {extra_outage:.2f} s after the worker noticed; all done {took:.1f} s "
+                          f"after the restart; duplicates so far {dispatcher.duplicates}")
+                    assert took < 15, f"seed {seed}: jobs finished {took:.1f} s after Redis came back"
+                    assert unfinished > 0
+                    assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
+                    assert worker.celery_pids() == first_pid, f"seed {seed}: the Celery worker was restarted"
+                assert_in_order(sim, everything)
+                await wait_until(lambda: dispatcher.pending == 0, 10, "every entry acknowledged")
+    log = worker.text()
+    assert "Unrecoverable error" not in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(45)
+async def test_a_worker_process_that_dies_is_restarted_and_its_jobs_are_run_again(tmp_path: Path) -> None:
+    """SIGKILL the Celery process itself: ``python -m streams worker`` starts a new one, whose jobs
+    (the dead one's, redelivered after the visibility timeout) all complete in order."""
+    queue = "facilitator-supervised"
+    extra = ["--visibility-timeout", "2"]
+    with redis_and_worker(tmp_path, queue, step_delay=0.1, concurrency=8, extra=extra) as (redis_server, worker):
+        async with FacilitatorSimulator(seed=22) as sim:
+            dispatcher = CeleryDispatcher(redis_server.url, queue, block_ms=200)
+            async with running_client(fast_config(sim.url), dispatcher):
+                await sim.wait_for(lambda: sim.authenticated_connections >= 1, 5, "authenticated")
+                jobs = [await sim.send_job_request() for _ in range(16)]
+                await sim.wait_for(lambda: sum("accepted" in sim.stored[j["uuid"]] for j in jobs) >= 4, 10,
+                                   "4 jobs accepted")
+                (first,) = worker.celery_pids()
+                os.kill(first, signal.SIGKILL)
+                await wait_until(lambda: len(worker.celery_pids()) == 2, 10, "a new Celery worker started")
+                await sim.wait_for(lambda: finished(sim, jobs), 30, "every job finished")
+                assert_in_order(sim, jobs)
+                assert worker.proc is not None and worker.proc.poll() is None
+    assert f"celery worker (pid {first}) exited with status -9; restarting it" in worker.text()
+
+
+@pytest.mark.timeout(30)
+def test_worker_retries_an_unreachable_broker_forever_and_stops_on_sigint(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    argv = [sys.executable, "-m", "streams", "worker", "--broker", "redis://127.0.0.1:1/0", "--queue", "nowhere"]
+    with client_process(argv, log) as proc:
+        deadline = time.monotonic() + 20
+        while log.read_text().count("unreachable (") < 4:  # 0.5 + 1.5 + 2.5 s of retries
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no 4 retries within 20 s: {log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        assert proc.poll() is None, "still alive, still retrying"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 5, "exits promptly on SIGINT"
+    text = log.read_text()
+    retries = [line for line in text.splitlines() if "unreachable (" in line]
+    assert retries[0].endswith("retry 1 in 0.5 s") and "127.0.0.1:1" in retries[0], retries
+    assert all(len(line) < 300 for line in retries), retries  # one concise line per retry
+    assert "/100)" not in text and "Trying again" not in text, text[-3000:]  # not Celery's 100 retries
 
 
 # --------------------------------------------------------------------------- helpers
