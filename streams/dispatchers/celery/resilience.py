@@ -12,7 +12,8 @@ messages the worker had reserved cannot be put back while Redis is down and wait
 * :class:`RestoreHeld` (a consumer bootstep) puts back on the queue, at every reconnect, the
   messages this worker held but never started, so they run within seconds instead of after the
   visibility timeout;
-* :func:`supervise` runs the worker as a child process and restarts it if it dies anyway.
+* ``python -m streams worker`` (:mod:`streams.cli.worker`) runs the worker as a child process
+  and restarts it if it dies anyway.
 
 A job that still runs twice (its worker died, or its ack could not reach Redis) is harmless: its
 statuses are duplicates that the facilitator answers ``job.integrity_error`` and the validator's
@@ -21,22 +22,18 @@ client counts as acknowledged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
+from kombu.utils.url import maybe_sanitize_url
 
 from operators import Backoff
 
@@ -45,18 +42,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "BrokerJanitor",
+    "HeldMessages",
+    "ResilientConsumer",
+    "ResilientRedisTransport",
+    "ResilientRequest",
+    "RestoreHeld",
+    "StrandedMessages",
+    "install",
+    "janitor_for",
+]
+
 RECONNECT_START = 0.5
 RECONNECT_STEP = 1.0
 RECONNECT_MAX = 5.0
 """Broker reconnect delays (s): 0.5, 1.5, 2.5, … capped at 5, forever."""
 
 DIRECT_ACK_RETRY_FOR = 60.0
-
-
-def _redact(url: str) -> str:
-    from streams.celery import _redact as redact
-
-    return redact(url)
 
 
 # --------------------------------------------------------------------------- reconnecting forever
@@ -75,7 +78,7 @@ class ResilientConsumer(Consumer):  # type: ignore[misc]
     def ensure_connected(self, conn: Any) -> Any:
         from celery.worker.state import maybe_shutdown
 
-        where = _redact(str(self.app.conf.broker_url))
+        where = maybe_sanitize_url(str(self.app.conf.broker_url))
 
         attempts = 0
 
@@ -342,84 +345,3 @@ def install(app: Any) -> None:
     app.conf.worker_consumer = f"{__name__}:ResilientConsumer"
     app.conf.broker_transport = f"{__name__}:ResilientRedisTransport"
     app.steps["consumer"].add(RestoreHeld)
-
-
-# --------------------------------------------------------------------------- supervising the worker
-
-
-RESTART_BACKOFF = (1.0, 30.0)
-STABLE_AFTER = 60.0
-
-
-async def supervise(argv: Sequence[str], env: Mapping[str, str], *, rng_seed: int | None = None) -> int:
-    """Run ``argv`` (a Celery worker) as a child; restart it whenever it dies without being asked to.
-
-    The first SIGINT/SIGTERM becomes a SIGTERM for the child (Celery's warm shutdown: running jobs
-    finish, exit status 0), a second one a SIGQUIT (cold shutdown). The child gets its own session,
-    so a terminal's Ctrl-C reaches it only through here, and ``PR_SET_PDEATHSIG`` (Linux), so it
-    does not outlive a supervisor that is SIGKILLed. Returns the child's exit status once asked to
-    stop (or once it exited 0 by itself: a remote shutdown).
-    """
-    import random
-
-    loop = asyncio.get_running_loop()
-    signals_received = 0
-    child: asyncio.subprocess.Process | None = None
-    woken = asyncio.Event()
-
-    def forward() -> None:
-        if child is not None and child.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM if signals_received == 1 else signal.SIGQUIT)
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_received
-        signals_received += 1
-        log.warning("%s: stopping the celery worker (%s)", signal.Signals(signum).name,
-                    "warm shutdown: running jobs finish" if signals_received == 1 else "cold shutdown")
-        woken.set()
-        forward()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    backoff = Backoff(*RESTART_BACKOFF, stable_after=STABLE_AFTER, rng=random.Random(rng_seed))
-    try:
-        while True:
-            started = time.monotonic()
-            child = await asyncio.create_subprocess_exec(
-                *argv, env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_parent,
-            )
-            log.warning("celery worker started (pid %d)", child.pid)
-            if signals_received:  # a signal came while it was starting
-                forward()
-            rc = await child.wait()
-            if signals_received and rc == -signal.SIGTERM:
-                return 0  # stopped before Celery installed its handlers: nothing was running
-            if signals_received or rc == 0:
-                return rc if rc >= 0 else 128 - rc
-            if time.monotonic() - started >= STABLE_AFTER:
-                backoff.reset()
-            delay = backoff.next_delay()
-            log.error("celery worker (pid %d) exited with status %d; restarting it in %.1f s (restart %d)",
-                      child.pid, rc, delay, backoff.attempt)
-            woken.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), delay)
-            if signals_received:
-                return 0
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-        if child is not None and child.returncode is None:  # cancelled: do not leave it behind
-            child.kill()
-            await child.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the supervisor dies (Linux; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
