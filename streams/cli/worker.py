@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -75,9 +76,10 @@ def register(sub: Any) -> dict[str, Command]:
 
 
 def at_least_one_second(value: str) -> float:
+    """A finite number of seconds >= 1 (an argparse type)."""
     seconds = non_negative(value)
-    if seconds < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be >= 1 (seconds)")
+    if not 1 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a finite number of seconds >= 1")
     return seconds
 
 
