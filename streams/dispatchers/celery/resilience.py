@@ -118,6 +118,23 @@ class _QoS(kombu_redis.QoS):
             STRANDED.add(message)
             raise
 
+    def restore_unacked(self, client: Any = None) -> None:
+        """Back on the queue with every delivered message, when the channel closes; never raises.
+
+        With Redis gone this fails (a connection error, or an ``AttributeError`` from a channel whose
+        connection was already dropped, that Celery calls an "Unrecoverable error" and exits on):
+        the messages stay in kombu's unacked hash, and :class:`RestoreHeld` puts back the ones no
+        task is running for as soon as the worker reconnects.
+        """
+        tags = [str(tag) for tag in self._delivered]
+        try:
+            super().restore_unacked(client)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            UNRESTORED.update(tags)
+            self._delivered.clear()
+            log.warning("%d delivered task messages could not be put back on the queue now (%s: %s): they will be "
+                        "once the broker is reachable", len(tags), type(exc).__name__, exc)
+
 
 class _Channel(kombu_redis.Channel):
     QoS = _QoS
@@ -149,6 +166,8 @@ class StrandedMessages:
 
 
 STRANDED = StrandedMessages()
+UNRESTORED: set[str] = set()
+"""Delivery tags a closing channel failed to put back on the queue (Redis was gone)."""
 
 
 class HeldMessages:
@@ -308,36 +327,47 @@ def janitor_for(app: Any) -> BrokerJanitor:
 
 
 class RestoreHeld(bootsteps.StartStopStep):  # type: ignore[misc]
-    """At every (re)connection: back to the queue with what this worker held but will never run."""
+    """At every (re)connection: back to the queue with what this worker held but will never run.
+
+    That is: messages of an earlier connection whose task is not running (reserved, never
+    started: Celery drops them when the connection breaks), the messages a closing channel could
+    not put back, and the messages that arrived as the connection broke (``STRANDED``). A running
+    task's message is left alone: :class:`ResilientRequest` acknowledges it when the task ends.
+    """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
+        from celery.worker.state import active_requests
+
         channel = c.task_consumer.channel if c.task_consumer is not None else None
-        orphans = HELD.take_orphans(channel)
+        running = {_tag(request) for request in list(active_requests)}
+        orphans = [tag for tag, _request in HELD.take_orphans(channel)]
+        unrestored = [tag for tag in UNRESTORED if tag not in running]
+        UNRESTORED.difference_update(unrestored)
+        tags = list(dict.fromkeys(orphans + unrestored))
         stranded = STRANDED.take()
-        if not orphans and not stranded:
+        if not tags and not stranded:
             return
         default = c.connection.default_channel
-        restored = 0
+        done_tags = done_stranded = 0
         try:
-            for tag, _request in orphans:
-                default.qos.restore_by_tag(tag)
-                restored += 1
+            for tag in tags:
+                default.qos.restore_by_tag(tag)  # a no-op for a tag no longer in the unacked hash
+                done_tags += 1
             for message in stranded:
                 info = message.delivery_info
                 with default.conn_or_acquire() as client, client.pipeline() as pipe:
                     default._do_restore_message(message._raw, info["exchange"], info["routing_key"], pipe, False)
                     pipe.execute()
-                restored += 1
+                done_stranded += 1
         except c.connection_errors:
-            for _, request in orphans[restored:]:
-                HELD.add(request)  # tried again at the next reconnect
-            for message in stranded[max(0, restored - len(orphans)):]:
+            UNRESTORED.update(tags[done_tags:])  # tried again at the next reconnect
+            for message in stranded[done_stranded:]:
                 STRANDED.add(message)
             raise
-        log.warning("put %d task messages back on the queue that this worker held when the broker connection "
-                    "dropped and never started", restored)
+        log.warning("put back on the queue: %d task messages this worker held but had not started when the broker "
+                    "connection dropped, %d that arrived as it dropped", done_tags, done_stranded)
 
 
 def install(app: Any) -> None:
