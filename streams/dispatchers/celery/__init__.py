@@ -83,6 +83,7 @@ ENV_QUEUE = "FACILITATOR_STREAMS_QUEUE"
 ENV_STREAM_KEY = "FACILITATOR_STREAMS_STREAM_KEY"
 ENV_STEP_DELAY = "FACILITATOR_STREAMS_STEP_DELAY"
 ENV_VISIBILITY_TIMEOUT = "FACILITATOR_STREAMS_VISIBILITY_TIMEOUT"
+ENV_WORKER_ID = "FACILITATOR_STREAMS_WORKER_ID"
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -305,6 +306,9 @@ def make_celery_app(
             # How soon a message left unacknowledged by a dead worker is noticed once it is visible.
             "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
             "unacked_restore_throttle": 1,
+            # No task priorities: one list per queue, which the worker reads with BLMOVE into an
+            # in-flight list (resilience._Channel) instead of BRPOP, so a fetch cut short loses nothing.
+            "priority_steps": [0],
         },
         # A running job is not cancelled when the connection drops: it finishes, its statuses are
         # retried until Redis is back, and ResilientRequest acknowledges it on the new connection.
@@ -818,5 +822,7 @@ def worker_command(
         "--hostname", f"facilitator-streams-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
     ]
     env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay),
-           ENV_VISIBILITY_TIMEOUT: repr(visibility_timeout)}
+           ENV_VISIBILITY_TIMEOUT: repr(visibility_timeout),
+           # Names the worker's in-flight lists: the same for every Celery process this command starts.
+           ENV_WORKER_ID: f"{socket.gethostname()}:{os.getpid()}"}
     return argv, env

@@ -23,10 +23,13 @@ client counts as acknowledged.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import warnings
 from collections.abc import Mapping
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -36,6 +39,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.url import maybe_sanitize_url
 
 from operators import Backoff
+from streams.dispatchers.celery import ENV_WORKER_ID
 
 if TYPE_CHECKING:
     import redis
@@ -115,7 +119,8 @@ class _QoS(kombu_redis.QoS):
         try:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
         except self.channel.connection_errors:
-            STRANDED.add(message)
+            if getattr(self.channel, "_fetching", None) is None:  # not fetched through an in-flight list
+                STRANDED.add(message)
             raise
 
     def restore_unacked(self, client: Any = None) -> None:
@@ -136,8 +141,64 @@ class _QoS(kombu_redis.QoS):
                         "once the broker is reachable", len(tags), type(exc).__name__, exc)
 
 
+WORKER_ID = os.environ.get(ENV_WORKER_ID) or f"{socket.gethostname()}:{os.getpid()}"
+"""Names this worker's in-flight lists; ``python -m streams worker`` keeps it across restarts of Celery."""
+
+
+def inflight_key(queue: str) -> str:
+    """The list holding the messages this worker took off ``queue`` and has not recorded yet."""
+    return f"facilitator-streams:inflight:{queue}:{WORKER_ID}"
+
+
 class _Channel(kombu_redis.Channel):
+    """Takes a message off the queue into an in-flight list (``BLMOVE``) instead of out of Redis (``BRPOP``).
+
+    kombu pops a message (BRPOP) and only then records it as unacknowledged. When Redis dies
+    between persisting the pop and sending the reply, the message is gone: nobody has it. Moved
+    into this worker's in-flight list instead, it stays in Redis until it is recorded, and
+    :class:`RestoreHeld` moves what is left there back to the queue at every (re)connection.
+    Used when the channel consumes one queue with one priority step and no key prefix (what
+    :func:`~streams.dispatchers.celery.make_celery_app` sets up); otherwise kombu's BRPOP.
+    """
+
     QoS = _QoS
+    _fetching: str | None = None
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if len(queues) != 1 or list(self.priority_steps) != [0] or self.global_keyprefix:
+            return super()._brpop_start(timeout)  # type: ignore[no-any-return,no-untyped-call]
+        queue = queues[0]
+        self._fetching = queue
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
+        wait = self.brpop_timeout if timeout is None else timeout
+        self.client.connection.send_command("BLMOVE", queue, inflight_key(queue), "RIGHT", "LEFT", wait or 0)
+        return None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue = self._fetching
+        if queue is None:
+            return super()._brpop_read(**options)  # type: ignore[no-any-return,no-untyped-call]
+        from kombu.utils.json import loads
+
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # as kombu does: the next poll reconnects
+                raise
+            if item is None:
+                raise Empty()
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(loads(item.decode() if isinstance(item, bytes) else item), queue)  # type: ignore[no-untyped-call]
+            # Recorded as unacknowledged now (or it raised): no longer only in the in-flight list.
+            self.client.lrem(inflight_key(queue), 1, item)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._fetching = None
+            self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
 
 
 class ResilientRedisTransport(kombu_redis.Transport):
@@ -190,17 +251,29 @@ class HeldMessages:
                 if self._held.get(tag) is request:
                     del self._held[tag]
 
-    def take_orphans(self, channel: Any) -> list[tuple[str, Request]]:
-        """Held messages of channels other than ``channel`` that are not running: never to be run here."""
+    def take_orphans(self, channel: Any, pool_keeps_queued: bool) -> tuple[list[str], set[str]]:
+        """(held messages of channels other than ``channel`` whose task will never run here, the
+        delivery tags of the tasks that will: running, or queued in the pool).
+
+        A task running is not an orphan (its request acknowledges it when it ends), nor one already
+        handed to a pool that keeps its queue when the connection drops (Celery's thread pool: it
+        runs later); a prefork pool discards what it has not started ("the broker redelivers it").
+        """
         from celery.worker.state import active_requests
 
         running = set(map(id, active_requests))
+
+        def will_run(request: Request) -> bool:
+            return id(request) in running or (pool_keeps_queued and getattr(request, "_apply_result", None) is not None)
+
         with self._lock:
-            orphans = [(tag, request) for tag, request in self._held.items()
-                       if request.message.channel is not channel and id(request) not in running]
-            for tag, _ in orphans:
+            orphans = [tag for tag, request in self._held.items()
+                       if request.message.channel is not channel and not will_run(request)]
+            for tag in orphans:
                 del self._held[tag]
-        return orphans
+            running_tags = {tag for tag, request in self._held.items() if will_run(request)}
+        running_tags.update(tag for tag in map(_tag, list(active_requests)) if tag is not None)
+        return orphans, running_tags
 
     def __len__(self) -> int:
         return len(self._held)
@@ -338,22 +411,32 @@ class RestoreHeld(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
-        from celery.worker.state import active_requests
+        from celery.concurrency.base import BasePool
 
         channel = c.task_consumer.channel if c.task_consumer is not None else None
-        running = {_tag(request) for request in list(active_requests)}
-        orphans = [tag for tag, _request in HELD.take_orphans(channel)]
-        unrestored = [tag for tag in UNRESTORED if tag not in running]
+        keeps_queued = c.pool is not None and type(c.pool).flush is BasePool.flush  # threads, solo: flush no-op
+        orphans, will_run = HELD.take_orphans(channel, keeps_queued)
+        unrestored = [tag for tag in UNRESTORED if tag not in will_run]
         UNRESTORED.difference_update(unrestored)
         tags = list(dict.fromkeys(orphans + unrestored))
         stranded = STRANDED.take()
-        if not tags and not stranded:
-            return
         default = c.connection.default_channel
-        done_tags = done_stranded = 0
+        tags_given = tags
+        done_tags = done_stranded = moved = 0
         try:
+            queues = [queue.name for queue in (c.task_consumer.queues if c.task_consumer is not None else ())]
+            with default.conn_or_acquire() as client:
+                for queue in queues:  # taken off the queue, never recorded: back to where they were taken
+                    while client.lmove(inflight_key(queue), queue, "RIGHT", "RIGHT") is not None:
+                        moved += 1
+            if tags:  # only those still unacknowledged (a task that ran since then was acknowledged)
+                with default.conn_or_acquire() as client:
+                    exists = client.pipeline()
+                    for tag in tags:
+                        exists.hexists(default.qos.unacked_key, tag)
+                    tags = [tag for tag, there in zip(tags, exists.execute(), strict=True) if there]
             for tag in tags:
-                default.qos.restore_by_tag(tag)  # a no-op for a tag no longer in the unacked hash
+                default.qos.restore_by_tag(tag)
                 done_tags += 1
             for message in stranded:
                 info = message.delivery_info
@@ -362,12 +445,13 @@ class RestoreHeld(bootsteps.StartStopStep):  # type: ignore[misc]
                     pipe.execute()
                 done_stranded += 1
         except c.connection_errors:
-            UNRESTORED.update(tags[done_tags:])  # tried again at the next reconnect
+            UNRESTORED.update(tags_given if tags is tags_given else tags[done_tags:])  # tried at the next reconnect
             for message in stranded[done_stranded:]:
                 STRANDED.add(message)
             raise
-        log.warning("put back on the queue: %d task messages this worker held but had not started when the broker "
-                    "connection dropped, %d that arrived as it dropped", done_tags, done_stranded)
+        if done_tags or done_stranded or moved:
+            log.warning("put back on the queue: %d task messages this worker held but had not started when the "
+                        "broker connection dropped, %d that were on their way to it", done_tags, done_stranded + moved)
 
 
 def install(app: Any) -> None:
