@@ -449,8 +449,19 @@ async def test_worker_survives_redis_killed_and_restarted_five_times(tmp_path: P
                     assert worker.celery_pids() == first_pid, f"seed {seed}: the Celery worker was restarted"
                 assert_in_order(sim, everything)
                 await wait_until(lambda: dispatcher.pending == 0, 10, "every entry acknowledged")
+                broker = aioredis.Redis.from_url(redis_server.url)
+                try:  # nothing left behind: every task acknowledged, nothing stuck on its way to the worker
+                    await wait_until_async(lambda: broker_clean(broker), 10, "the broker's bookkeeping to empty")
+                finally:
+                    await broker.aclose()
     log = worker.text()
     assert "Unrecoverable error" not in log and "Traceback" not in log, log[-3000:]
+
+
+async def broker_clean(broker: aioredis.Redis) -> bool:
+    """No unacknowledged task message (kombu's ``unacked`` hash) and no in-flight list left."""
+    inflight = [key async for key in broker.scan_iter("facilitator-streams:inflight:*")]
+    return int(await broker.hlen("unacked")) == 0 and not inflight
 
 
 def outage_lines(worker: CeleryWorker) -> int:
