@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -142,6 +143,25 @@ def test_reporter_for_any_celery_app_uses_its_redis_broker() -> None:
     ours = make_celery_app("redis://127.0.0.1:9/0", "q", stream_key="k", redis_url="redis://127.0.0.1:8/1")
     assert (reporter_for(ours).redis_url, reporter_for(ours).stream_key) == ("redis://127.0.0.1:8/1", "k")
     assert TASK_NAME in ours.tasks and ours.conf.task_default_queue == "q"
+
+
+def test_celery_app_survives_broker_restarts_by_configuration() -> None:
+    """What make_celery_app sets for a Redis restart (the behaviour is shown by the restart tests below)."""
+    import ssl
+
+    app = make_celery_app("redis://127.0.0.1:9/0", "q", visibility_timeout=30)
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.broker_connection_retry
+    assert conf.broker_connection_max_retries is None and conf.broker_connection_retry_on_startup
+    assert conf.broker_transport_options["visibility_timeout"] == 30
+    assert conf.broker_transport_options["priority_steps"] == [0]
+    assert conf.worker_consumer.endswith("resilience:ResilientConsumer")
+    assert app.connection_for_write().transport_cls.endswith("resilience:ResilientRedisTransport")
+    secure = make_celery_app("rediss://:pw@127.0.0.1:9/0", "q").connection_for_write()
+    assert secure.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}  # kombu's own default for rediss: no checks
+    for bad in (0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="visibility_timeout"):
+            make_celery_app("redis://127.0.0.1:9/0", "q", visibility_timeout=bad)
 
 
 class FakeApp:

@@ -22,6 +22,7 @@ client counts as acknowledged.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ import warnings
 from collections.abc import Mapping
 from queue import Empty
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer
@@ -338,7 +340,13 @@ class ResilientRequest(Request):  # type: ignore[misc]
 
 
 class BrokerJanitor:
-    """Direct operations on kombu's Redis bookkeeping, from a connection of its own."""
+    """Acknowledges task messages straight in kombu's Redis bookkeeping, from a thread of its own.
+
+    For a task whose channel is gone. Never blocks the caller (a pool thread, or the worker's event
+    loop with prefork): a daemon thread retries while Redis is unreachable, for up to
+    ``DIRECT_ACK_RETRY_FOR`` seconds per message, and what it could not do before the process
+    exits (at most 2 s spent trying then) runs again after the visibility timeout, harmlessly.
+    """
 
     def __init__(self, broker_url: str, transport_options: Mapping[str, Any]) -> None:
         prefix = str(transport_options.get("global_keyprefix") or "")
@@ -347,41 +355,77 @@ class BrokerJanitor:
         self.broker_url = broker_url
         self._client: redis.Redis | None = None
         self._lock = threading.Lock()
+        self._pending: dict[str, tuple[str, float]] = {}
+        """Delivery tag -> (task id, give up at)."""
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self.acknowledged = 0
 
     def _redis(self) -> redis.Redis:
+        if self._client is None:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._client = redis.Redis.from_url(
+                self.broker_url, socket_connect_timeout=2.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 0)
+            )
+        return self._client
+
+    def ack(self, tag: str, task_id: str) -> None:
+        """Remove a delivered message from kombu's unacked hash and index (kombu's Redis ack), soon."""
         with self._lock:
-            if self._client is None:
-                import redis
-                from redis.backoff import NoBackoff
-                from redis.retry import Retry
+            self._pending[tag] = (task_id, time.monotonic() + DIRECT_ACK_RETRY_FOR)
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="facilitator-streams-acks", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush, 2.0)
+        self._wake.set()
 
-                self._client = redis.Redis.from_url(
-                    self.broker_url, socket_connect_timeout=2.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 0)
-                )
-            return self._client
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued ack is done or given up; False on timeout."""
+        return self._idle.wait(timeout)
 
-    def ack(self, tag: str, task_id: str, retry_for: float = DIRECT_ACK_RETRY_FOR) -> bool:
-        """Remove a delivered message from kombu's unacked hash and index (kombu's Redis ack)."""
+    def _run(self) -> None:
         import redis
 
         backoff = Backoff(0.1, 2.0, stable_after=0.0)
-        deadline = time.monotonic() + retry_for
         while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                batch = dict(self._pending)
+            if not batch:
+                with self._lock:
+                    if not self._pending:
+                        self._idle.set()
+                continue
             try:
                 pipe = self._redis().pipeline()
-                pipe.zrem(self.unacked_index_key, tag)
-                pipe.hdel(self.unacked_key, tag)
+                for tag in batch:
+                    pipe.zrem(self.unacked_index_key, tag)
+                    pipe.hdel(self.unacked_key, tag)
                 pipe.execute()
-                return True
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                delay = backoff.next_delay()
-                if time.monotonic() + delay > deadline:
-                    log.warning(
-                        "task %s finished but its ack never reached the broker (%s); it runs again after the "
-                        "visibility timeout (harmless: its statuses are duplicates)", task_id, exc,
-                    )
-                    return False
-                time.sleep(delay)
+                now = time.monotonic()
+                with self._lock:
+                    for tag, (task_id, give_up_at) in batch.items():
+                        if give_up_at <= now and self._pending.pop(tag, None) is not None:
+                            log.warning("task %s finished but its ack never reached the broker (%s): it runs again "
+                                        "after the visibility timeout (harmless: its statuses are duplicates)",
+                                        task_id, exc)
+                time.sleep(backoff.next_delay())
+                self._wake.set()
+                continue
+            backoff.reset()
+            with self._lock:
+                for tag in batch:
+                    self._pending.pop(tag, None)
+                self.acknowledged += len(batch)
+            self._wake.set()  # look again: more may have come meanwhile
 
 
 _janitors_lock = threading.Lock()
@@ -458,4 +502,11 @@ def install(app: Any) -> None:
     """Wire the above into a Celery app (``make_celery_app`` does)."""
     app.conf.worker_consumer = f"{__name__}:ResilientConsumer"
     app.conf.broker_transport = f"{__name__}:ResilientRedisTransport"
+    url = urlsplit(str(app.conf.broker_url))
+    if url.scheme == "rediss" and not app.conf.broker_use_ssl and "ssl_cert_reqs" not in url.query:
+        # kombu gives a bare rediss:// TLS only when it picks the transport from the scheme (and then
+        # without certificate checks); here, as redis-py does for the status stream: verified TLS.
+        import ssl
+
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app.steps["consumer"].add(RestoreHeld)
