@@ -1,23 +1,31 @@
 """What keeps a Celery worker alive and its jobs moving through a Redis restart.
 
 Celery 5 / kombu alone, with Redis SIGKILLed and restarted under a busy worker, lose jobs or the
-worker: the ack of a task that finishes after the connection was replaced goes to a closed channel
-(``AttributeError: 'NoneType' object has no attribute 'hostname'``, "Unrecoverable error"), the
-messages the worker had reserved cannot be put back while Redis is down and wait in kombu's
-``unacked`` hash for the visibility timeout, and the reconnect backoff grows to 30 s. Here:
+worker: a closing channel that cannot reach Redis to put its messages back raises
+``AttributeError: 'NoneType' object has no attribute 'hostname'`` ("Unrecoverable error": the
+worker exits); the ack of a task that ends after its connection was replaced goes to a closed
+channel; the messages the worker had reserved wait in kombu's ``unacked`` hash for the visibility
+timeout; a message whose BRPOP Redis persisted but whose reply the crash cut is gone; and the
+reconnect backoff grows to 30 s. Here:
 
 * :class:`ResilientConsumer` reconnects forever, 0.5 s … 5 s apart, one log line per attempt;
+* :class:`ResilientRedisTransport` takes messages off the queue into a per-worker in-flight list
+  (``BLMOVE``) instead of out of Redis, and its channel's close never raises;
 * :class:`ResilientRequest` acknowledges a task whose channel is gone straight in Redis (what
-  kombu's ack does), so a job that ran through the outage is not run again;
-* :class:`RestoreHeld` (a consumer bootstep) puts back on the queue, at every reconnect, the
-  messages this worker held but never started, so they run within seconds instead of after the
-  visibility timeout;
+  kombu's ack does, from :class:`BrokerJanitor`'s thread), so a job that ran through the outage
+  is not run again;
+* :class:`RestoreHeld` (a consumer bootstep) puts back on the queue, at every (re)connection, the
+  messages this worker held but will never run and what its in-flight list still holds, so they
+  run within seconds instead of after the visibility timeout (or never);
 * ``python -m streams worker`` (:mod:`streams.cli.worker`) runs the worker as a child process
-  and restarts it if it dies anyway.
+  and restarts it if it dies anyway, under the same worker id (the same in-flight list).
 
 A job that still runs twice (its worker died, or its ack could not reach Redis) is harmless: its
 statuses are duplicates that the facilitator answers ``job.integrity_error`` and the validator's
-client counts as acknowledged.
+client counts as acknowledged (the client does not even resend those already answered).
+Known limits: an in-flight list is restored only by a worker with the same id (host name and the
+``python -m streams worker`` process id), so a message taken at the instant of a crash by a
+worker that never comes back stays there; task priorities are not used (one list per queue).
 """
 
 from __future__ import annotations
