@@ -311,6 +311,29 @@ class _NullFeed:
         pass
 
 
+@pytest.mark.timeout(30)
+async def test_a_job_run_twice_sends_its_statuses_once(stream: aioredis.Redis, services: Any) -> None:
+    """acks_late: a job may run again (its worker or its ack lost with Redis). Its statuses come
+    through the stream twice; the ones the facilitator already answered are acknowledged, not resent."""
+    redis_server, _worker = services
+    key = f"test-rerun-{uuid.uuid4()}"
+    reporter = StatusReporter(redis_server.url, key)
+    async with FacilitatorSimulator(seed=18) as sim:
+        job = sim.register_job(str(uuid.uuid4()))
+        dispatcher = CeleryDispatcher(redis_server.url, QUEUE, stream_key=key, block_ms=100)
+        async with running_client(fast_config(sim.url), dispatcher):
+            for _run in range(2):
+                play_lifecycle({"uuid": job}, reporter.report, 0.0, sleep=lambda _: None)
+                await sim.wait_for(lambda: sim.stored[job][-1] == "completed", 10, "the job's statuses stored")
+                await wait_until(lambda: dispatcher.pending == 0 and dispatcher.acknowledged >= 5, 5, "all acked")
+            await wait_until(lambda: dispatcher.acknowledged == 10, 5, "the rerun's entries acknowledged")
+        sent = [r.parsed for r in sim.received if r.parsed and r.parsed.get("message_type") == "V0JobStatusUpdate"]
+        assert [m["status"] for m in sent] == FULL_SEQUENCE[1:]  # each status once
+        assert dispatcher.duplicates == 5 and sim.stored[job] == DONE[:1] + DONE[2:]
+        assert await stream_drained(stream, key)
+    reporter.close()
+
+
 def _entries_of(reply: Any) -> list[Any]:
     return [entry for _, entries in reply for entry in entries]
 
