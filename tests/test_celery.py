@@ -220,6 +220,13 @@ def test_cli_refuses_celery_flags_without_the_celery_dispatcher(
     assert "error: --queue, --consumer only apply to --dispatcher celery" in capsys.readouterr().err
 
 
+def test_cli_refuses_step_delay_without_the_simulated_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
+    run = ["run", "--url", "ws://127.0.0.1:9/ws/v0/", "--hotkey-uri", "//Alice", "--step-delay", "1"]
+    assert cli_main([*run, "--dispatcher", "celery", "--broker", "redis://127.0.0.1:9/0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --step-delay applies only to --dispatcher simulated (this run uses --dispatcher celery)\n"
+
+
 # --------------------------------------------------------------------------- real Redis and Celery
 
 

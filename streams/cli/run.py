@@ -31,7 +31,8 @@ def register(sub: Any) -> dict[str, Command]:
     keys.add_argument("--wallet-hotkey")
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
     run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
-    run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
+    run.add_argument("--step-delay", type=non_negative, default=None,
+                     help="--dispatcher simulated only: seconds per step (default 0.5)")
     run.add_argument("--heartbeat-period", type=positive, default=60.0)
     run.add_argument("--ping-interval", type=positive, default=20.0)
     run.add_argument("--ping-timeout", type=positive, default=20.0)
@@ -69,15 +70,17 @@ def load_signer(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | None = None) -> Dispatcher:
+def load_dispatcher(spec: str, step_delay: float | None, args: argparse.Namespace | None = None) -> Dispatcher:
+    if step_delay is not None and spec != "simulated":  # flags that only make sense together are checked together
+        raise CliError(f"--step-delay applies only to --dispatcher simulated (this run uses --dispatcher {spec})")
     if args is not None:
         from streams.cli.worker import dispatcher_from_args, refuse_celery_flags
 
-        refuse_celery_flags(args)  # flags that only make sense together are checked together
+        refuse_celery_flags(args)
         if spec == "celery":
             return dispatcher_from_args(args)
     if spec == "simulated":
-        return SimulatedDispatcher(step_delay)
+        return SimulatedDispatcher(0.5 if step_delay is None else step_delay)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CliError(f"--dispatcher must be `simulated` or MODULE:ATTR, got {spec!r}")
