@@ -104,8 +104,6 @@ def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
         raise CliError(str(exc)) from None
 
 
-
-
 async def _worker(args: argparse.Namespace) -> None:
     """Run the Celery worker as a supervised child (:func:`supervise`); exit with its status."""
     try:

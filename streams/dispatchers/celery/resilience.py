@@ -122,9 +122,9 @@ class _QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Record a delivered message in kombu's unacked hash; if Redis is gone, keep it to put back.
 
-        kombu pops a message off the queue (BRPOP) and only then records it as unacknowledged: a
-        connection lost in between would lose the message. It is kept here instead, and
-        :class:`RestoreHeld` puts it back on the queue once the broker is reachable again.
+        Only needed where kombu's BRPOP fetched it (the message is then nowhere else): it is kept
+        here, and :class:`RestoreHeld` puts it back on the queue once the broker is reachable again.
+        A message fetched with BLMOVE is still in the in-flight list, which RestoreHeld empties.
         """
         try:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
