@@ -41,7 +41,8 @@ def register(sub: Any) -> dict[str, Command]:
     run.add_argument(
         "--dispatcher", help=f"required: {DISPATCHER_CHOICES} (`simulated` fakes the work: demos and tests only)"
     )
-    run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
+    run.add_argument("--step-delay", type=non_negative, default=None,
+                     help="--dispatcher simulated only: seconds per step (default 0.5)")
     trust = run.add_argument_group("who may sign jobs besides this validator's hotkey (none given: anyone, warned)")
     trust.add_argument("--trusted-signer", action="append", default=[], metavar="SS58", help="repeatable")
     trust.add_argument("--trusted-signers-file", type=Path, metavar="PATH", help="one ss58 per line, # comments")
@@ -106,13 +107,17 @@ def load_signer(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | None = None) -> Dispatcher:
-    if spec == "celery" and args is not None:
-        from streams.cli.worker import dispatcher_from_args
+def load_dispatcher(spec: str, step_delay: float | None, args: argparse.Namespace | None = None) -> Dispatcher:
+    if step_delay is not None and spec != "simulated":  # flags that only make sense together are checked together
+        raise CliError(f"--step-delay applies only to --dispatcher simulated (this run uses --dispatcher {spec})")
+    if args is not None:
+        from streams.cli.worker import dispatcher_from_args, refuse_celery_flags
 
-        return dispatcher_from_args(args)
+        refuse_celery_flags(args)
+        if spec == "celery":
+            return dispatcher_from_args(args)
     if spec == "simulated":
-        return SimulatedDispatcher(step_delay)
+        return SimulatedDispatcher(0.5 if step_delay is None else step_delay)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CliError(f"--dispatcher must be `simulated` or MODULE:ATTR, got {spec!r}")
