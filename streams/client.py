@@ -27,11 +27,13 @@ from streams.events import ConnectionState, EventType, SystemEvent
 from streams.heartbeat_manager import HeartbeatManager
 from streams.job_dispatcher import Dispatcher, Handler, JobDispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
+from streams.journal import Commit, Journal
 from streams.message_manager import MessageManager
 from streams.metrics import Metrics
 from streams.performance_monitor import PerformanceMonitor
 from streams.protocol import (
     InboundMessage,
+    JobStatusUpdate,
     Response,
     Signer,
     V0JobCheated,
@@ -43,6 +45,9 @@ from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
 
 log = logging.getLogger(__name__)
+
+JOURNAL_EXIT_BUDGET = 0.4
+"""With a journal, a clean exit does not drain: it closes within this many seconds (pending stays journaled)."""
 
 Inbound = Decoded[InboundMessage] | Malformed
 
@@ -98,6 +103,9 @@ class FacilitatorClient:
         self._background: asyncio.Task[None] | None = None
         self._messages: MessageManager | None = None
         self._heartbeats: HeartbeatManager | None = None
+        self._signer = signer
+        self.journal: Journal | None = None
+        """The open journal while running (``config.journal_path``), else None."""
 
     # -- public surface -------------------------------------------------------------------------
     @property
@@ -127,6 +135,7 @@ class FacilitatorClient:
             raise RuntimeError(
                 f"FacilitatorClient.start() can be called once; this client is {self._phase.value}"
             )
+        journal = self._open_journal()  # a bad journal refuses the start before anything runs
         self._phase = _Phase.RUNNING
         self._ever_started = True
         cancelled = True
@@ -149,8 +158,11 @@ class FacilitatorClient:
             cancelled = False
         finally:
             drain = self.config.cancel_drain_timeout if cancelled else self.config.drain_timeout
+            close_timeout = 0.5 if cancelled else self.config.close_timeout
+            if journal is not None:  # nothing pending is dropped: it stays journaled for the next start
+                drain, close_timeout = 0.0, min(close_timeout, JOURNAL_EXIT_BUDGET / 2)
             try:
-                await self._teardown(tasks, drain, close_timeout=0.5 if cancelled else self.config.close_timeout)
+                await self._teardown(tasks, drain, close_timeout=close_timeout)
             finally:
                 self._phase = _Phase.STOPPED
                 self._done.set()
@@ -185,7 +197,9 @@ class FacilitatorClient:
         )
         responses: reactivex.Observable[Response] = inbound["response"].pipe(ops.map(_message))
         cheat_reports: reactivex.Observable[V0JobCheated] = inbound["cheat"].pipe(ops.map(_message))
-        self._messages = MessageManager(self.config, self.connection, responses)
+        self._messages = MessageManager(self.config, self.connection, responses, journal=self.journal)
+        if self.journal is not None:
+            self._messages.restore(self.journal.recovery.updates)
         self._heartbeats = HeartbeatManager(self.config.heartbeat_period, self.connection.state, scheduler)
         self.messages.add_source(self._heartbeats.heartbeats)
         self.messages.add_source(self.specs.updates)
@@ -200,6 +214,8 @@ class FacilitatorClient:
         )
         self.messages.start()
         self.statuses.start()
+        if self.journal is not None:
+            self._start_journal(self.journal)
         bind = getattr(self.jobs.dispatcher, "bind", None)
         if bind is not None:  # e.g. the Celery dispatcher feeds statuses and needs their acks
             bind(self.statuses, self.messages.acks)
@@ -232,12 +248,98 @@ class FacilitatorClient:
         if tasks:
             await asyncio.wait(tasks)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
+            async with asyncio.timeout(0.5 if self.journal is None else JOURNAL_EXIT_BUDGET / 4):
                 await self._transport.wait_closed()  # the websocket's own I/O tasks end too
         if self._messages is not None:
             self._messages.close()
+        await self._close_journal()
         self.connection.complete()
         self.monitor.close()
+
+    # -- the journal ------------------------------------------------------------------------------------
+    def _open_journal(self) -> Journal | None:
+        if self.config.journal_path is None:
+            return None
+        self.journal = Journal.open(
+            self.config.journal_path, owner=_ss58(self._signer.public_key),
+            retry_interval=self.config.journal_retry_interval,
+        )
+        return self.journal
+
+    def _start_journal(self, journal: Journal) -> None:
+        """Wire the journal's callbacks, track in-process jobs, report what a previous run left behind."""
+        journal.on_failure = self._journal_failed
+        journal.on_restored = self._journal_resumed
+        journal.on_commit = self._journal_committed
+        journal.start()
+        if getattr(self.jobs.dispatcher, "bind", None) is None:
+            # In-process jobs only: a dispatcher with bind() (Celery) gets its statuses from elsewhere,
+            # and a restart of this process does not interrupt its jobs.
+            self.jobs.dispatched.subscribe(lambda job: journal.job_dispatched(job.uuid))
+        recovery = journal.recovery
+        if not recovery:
+            return
+        for job in recovery.jobs:
+            update = JobStatusUpdate.horde_failed(
+                job.uuid, reason="unhandled_exception", message="validator restarted while the job was running",
+                context={"last_status": job.last_status, "dispatched_at": job.dispatched_at,
+                         "last_status_at": job.updated_at},
+            )
+            self.statuses.open(job.uuid)(update.status, update.metadata)
+        kinds = [update.kind for update in recovery.updates]
+        oldest = min((update.recorded_at for update in recovery.updates), default=None)
+        self.metrics.incr("journal.recovered_updates", len(kinds))
+        self.metrics.incr("journal.recovered_jobs", len(recovery.jobs))
+        self.monitor.emit(
+            EventType.JOURNAL_RECOVERED, "restart",
+            f"journal {journal.path}: resending {len(kinds)} unanswered updates first, in order; "
+            f"{len(recovery.jobs)} interrupted jobs reported horde_failed",
+            path=str(journal.path), resent_updates=len(kinds),
+            resent_status_updates=kinds.count("V0JobStatusUpdate"),
+            resent_spec_updates=kinds.count("V0MachineSpecsUpdate"),
+            horde_failed_jobs=len(recovery.jobs), jobs=[job.uuid for job in recovery.jobs][:100],
+            oldest_recorded_at=oldest,
+        )
+
+    def _journal_committed(self, commit: Commit) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        self.metrics.timing("journal.write_latency", commit.seconds)
+        stats = journal.stats()
+        self.metrics.gauge("journal.pending", stats.pending)
+        self.metrics.gauge("journal.bytes", stats.bytes)
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        self.metrics.incr("journal.failures")
+        self.metrics.gauge("journal.durable", 0)
+        path = self.journal.path if self.journal is not None else None
+        self.monitor.emit(
+            EventType.JOURNAL_FAILED, "write_failed",
+            f"journal {path}: write failed ({type(exc).__name__}: {exc}); durability is OFF, the client keeps "
+            f"working in memory and retries every {self.config.journal_retry_interval:g} s",
+            path=str(path), exception=type(exc).__name__, message=str(exc)[:500],
+        )
+
+    def _journal_resumed(self) -> None:
+        self.metrics.gauge("journal.durable", 1)
+        path = self.journal.path if self.journal is not None else None
+        self.monitor.emit(
+            EventType.JOURNAL_RESUMED, "durable",
+            f"journal {path}: writes succeed again; everything accepted meanwhile is written, durability is back on",
+            path=str(path),
+        )
+
+    async def _close_journal(self) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        kept = self._messages.kept_in_journal if self._messages is not None else 0
+        self.metrics.gauge("journal.kept_at_exit", kept)
+        if not await journal.aclose(timeout=JOURNAL_EXIT_BUDGET / 4):
+            log.warning("journal %s: the last writes did not finish within the exit budget", journal.path)
+        if kept:
+            log.info("journal %s: %d pending updates kept for the next start", journal.path, kept)
 
     def _spec_source_failed(self, exc: BaseException) -> None:
         self.monitor.emit(
@@ -249,6 +351,16 @@ class FacilitatorClient:
 
 def _message(item: Any) -> Any:
     return item.message
+
+
+def _ss58(public_key: bytes | None) -> str | None:
+    """The hotkey's ss58 address (the journal belongs to one hotkey)."""
+    if public_key is None:
+        return None
+    from bittensor_wallet import Keypair
+
+    address: str = Keypair(public_key=public_key.hex(), ss58_format=42).ss58_address
+    return address
 
 
 __all__ = ["FacilitatorClient"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,6 +55,11 @@ class ClientConfig:
     dedup_window: int = 100_000
     """How many recent job uuids are remembered to dispatch each job once."""
 
+    journal_path: str | os.PathLike[str] | None = None
+    """The durable journal behind the outbox (SQLite; created if missing). None: everything lives in memory."""
+    journal_retry_interval: float = 5.0
+    """After a journal write failed (disk full, read-only), retry the unwritten backlog this often."""
+
     statsd_host: str | None = None
     statsd_port: int = 8125
     statsd_prefix: str = "facilitator_client"
@@ -68,6 +74,10 @@ class ClientConfig:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise ConfigError(f"url has an invalid port: {self.url!r} ({exc})") from None
+        if self.journal_path is not None and not isinstance(self.journal_path, str | os.PathLike):
+            raise ConfigError(f"journal_path must be a path or None, got {type(self.journal_path).__name__}")
+        if isinstance(self.journal_path, str) and not self.journal_path.strip():
+            raise ConfigError("journal_path must not be empty (None turns the journal off)")
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):

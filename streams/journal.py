@@ -434,7 +434,7 @@ class Journal:
     @classmethod
     def open(
         cls,
-        path: Path | str,
+        path: str | os.PathLike[str],
         *,
         owner: str | None = None,
         synchronous: str = "FULL",

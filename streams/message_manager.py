@@ -20,7 +20,7 @@ import asyncio
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import reactivex
@@ -40,6 +40,7 @@ from operators import (
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
+from streams.journal import Journal, PendingUpdate
 from streams.protocol import OutboundMessage, Response, encode
 from streams.transport import TransportClosed
 
@@ -66,6 +67,8 @@ class Envelope:
     status: str | None = None
     sends: int = 0
     sent_at: float = 0.0
+    seq: int = 0
+    """Its row in the journal (0: not journaled); it goes on the wire only once that row is durable."""
 
     @property
     def expects_ack(self) -> bool:
@@ -138,8 +141,12 @@ class MessageManager:
         responses: reactivex.Observable[Response],
         *,
         clock: Callable[[], float] = time.monotonic,
+        journal: Journal | None = None,
     ) -> None:
         self._config = config
+        self._journal = journal
+        self.kept_in_journal = 0
+        """Pending updates left in the journal by ``close()`` (sent by the next start), not dropped."""
         self._connection = connection
         self._responses = responses
         self._clock = clock
@@ -214,6 +221,23 @@ class MessageManager:
         """Queue one message (encoded once, here)."""
         self._direct.on_next(message)
 
+    def restore(self, updates: Sequence[PendingUpdate]) -> None:
+        """Queue what a previous run left unanswered in the journal, first, in its original order.
+
+        Called before ``start()``: these go straight to the front of the wire queue (they are already
+        durable), so everything enqueued later, of any kind, goes out after them.
+        """
+        if self._started:
+            raise RuntimeError("restore() must be called before start()")
+        now = self._clock()
+        for update in updates:
+            policy = POLICIES.get(update.kind)
+            if policy is None or policy is HoldPolicy.KEEP_LATEST:
+                raise ValueError(f"journal row {update.seq}: {update.kind} is not a journaled message type")
+            self._wire.append(
+                Envelope(update.kind, update.frame, policy, now, update.job_uuid, update.status, seq=update.seq)
+            )
+
     def retry(self, envelope: Envelope) -> None:
         """Put an envelope back at the front of the wire queue (it goes out next)."""
         self._wire.appendleft(envelope)
@@ -244,12 +268,19 @@ class MessageManager:
             ),
         )
 
+        journal = self._journal
+
         def route(message: OutboundMessage) -> None:
             envelope = envelope_of(message, self._clock())
             if envelope.policy is HoldPolicy.KEEP_LATEST:
                 self._to_priority(envelope)  # liveness, not data: never behind a backlog
             else:
+                if journal is not None:  # accepted = journaled; sent once durable (see _next_ready)
+                    envelope.seq = journal.record(envelope.kind, envelope.frame, envelope.job_uuid, envelope.status)
                 data.on_next(envelope)
+
+        if journal is not None:
+            journal.on_durable = self._wake.set
 
         self._subscriptions.add(connected.subscribe(self._on_connected))
         self._subscriptions.add(
@@ -287,6 +318,8 @@ class MessageManager:
                     self._wire.appendleft(envelope)
                 self._publish_depth()
                 continue
+            if envelope.seq and not envelope.expects_ack and self._journal is not None:
+                self._journal.answered(envelope.seq)  # a spec update is never answered: done once written
             self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
             self._update_gate()
             self._publish_depth_soon()
@@ -311,7 +344,7 @@ class MessageManager:
         first), so reporting the wire queue and the outbox accounts for every pending message.
         """
         while self._wire:
-            self._dropped.on_next(Dropped(self._wire.popleft(), "disposed"))
+            self._on_dropped(Dropped(self._wire.popleft(), "disposed"))
         self._subscriptions.dispose()
         self._depth.on_completed()
         for subject in (self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._send_failed):
@@ -326,8 +359,11 @@ class MessageManager:
             return envelope
         if not self._wire:
             return None
-        if self._wire[0].expects_ack and self._in_flight >= self._config.max_in_flight:
+        head = self._wire[0]
+        if head.expects_ack and self._in_flight >= self._config.max_in_flight:
             return None
+        if head.seq and self._journal is not None and not self._journal.is_durable(head.seq):
+            return None  # not yet durable: the journal's next commit wakes the loop (no wait per message)
         return self._wire.popleft()
 
     def _to_priority(self, envelope: Envelope) -> None:
@@ -373,6 +409,8 @@ class MessageManager:
         if isinstance(event, Acked):
             self._in_flight -= 1
             envelope, response = event.item, event.response
+            if envelope.seq and self._journal is not None:
+                self._journal.answered(envelope.seq)  # any outcome: an answered update is never resent
             if response.is_success:
                 outcome = "success"
             elif "job.integrity_error" in response.error_types:
@@ -393,6 +431,11 @@ class MessageManager:
         self._wake.set()
 
     def _on_dropped(self, dropped: Dropped[Envelope]) -> None:
+        if dropped.item.seq and self._journal is not None:
+            if dropped.reason == "disposed":
+                self.kept_in_journal += 1  # not lost: the next start sends it
+                return
+            self._journal.answered(dropped.item.seq)  # reported dropped: a restart must not resend it
         self._dropped.on_next(dropped)
 
     def _on_held_depth(self, count: int, size: int) -> None:
