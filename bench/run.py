@@ -1,4 +1,4 @@
-"""``python -m bench``: run the five benchmarks and print one markdown table.
+"""``python -m bench``: run the benchmarks and print one markdown table.
 
     python -m bench [--rounds 3] [--quick] [--profile FILE] [--json FILE]
 
@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from bench.common import ROOT, median
+from bench.journal import journal_compare
 from bench.latency import Latency, latency_run
 from bench.recovery import Recovery, recovery_run
 from bench.shutdown import Shutdown, shutdown_run
@@ -30,6 +31,8 @@ TARGET_RATIO = 0.7
 TARGET_BYTES = 512
 TARGET_P99 = 0.002
 TARGET_SHUTDOWN = 2.0
+TARGET_JOURNAL_RATIO = 0.8
+TARGET_JOURNAL_SHUTDOWN = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,8 @@ def table(
     recovery: Recovery,
     latency: Latency,
     shutdowns: list[Shutdown],
+    journal: tuple[list[Run], list[Run]],
+    journal_shutdowns: list[Shutdown],
     when: str,
 ) -> str:
     base_rate = median([r.rate for r in baselines])
@@ -124,19 +129,45 @@ def table(
         f"pending updates reported on the way out; "
         f"{'exit status 0, no asyncio warnings' if clean else 'WARNINGS or a bad exit status'} "
         f"| ≤ {TARGET_SHUTDOWN:.0f} s | {_ok(max(exits) <= TARGET_SHUTDOWN and clean)} |",
+        *journal_rows(sizes, *journal, journal_shutdowns),
     ]
     notes = [
         "",
-        f"Measured {when} on {machine()}, all five in one `make bench` run.",
+        f"Measured {when} on {machine()}, all seven in one `make bench` run.",
         "The facilitator simulator (`bench.simserver`) runs in its own process for every run; the client "
         "under test and the baseline run in the benchmark process, one after the other, alternating, each "
         "against a fresh simulator process, with the same frames, the same in-flight window (1,000) and "
         "reading every Response. Throughput is timed from the first update handed over to the last "
         "Response read; CPU is per process (the machine is shared, so CPU per update is the steadier figure). "
         "Latency is timed from just before `report(status)` to the return of the frame's `ws.send`. "
-        "Reconnect backoff is capped at 50 ms in 3; the shutdown simulator stops reading right after auth.",
+        "Reconnect backoff is capped at 50 ms in 3; the shutdown simulator stops reading right after auth. "
+        "5 runs with `--no-journal` (today's drain-then-report); 6 and 7 with the SQLite journal "
+        "(WAL, synchronous=FULL: every commit fsync'ed, in a temporary directory on the benchmark machine's disk).",
     ]
     return "\n".join(rows + notes)
+
+
+def journal_rows(sizes: Sizes, plain: list[Run], journaled: list[Run], shutdowns: list[Shutdown]) -> list[str]:
+    plain_rate = median([r.rate for r in plain])
+    journal_rate = median([r.rate for r in journaled])
+    ratio = journal_rate / plain_rate
+    extra_cpu = median([r.cpu_us_per_msg for r in journaled]) - median([r.cpu_us_per_msg for r in plain])
+    exits = [s.seconds for s in shutdowns]
+    kept = min(s.kept for s in shutdowns)
+    dropped = max(s.pending for s in shutdowns)
+    clean = all(s.returncode in (0, 130) and not s.warnings for s in shutdowns)
+    met = max(exits) <= TARGET_JOURNAL_SHUTDOWN and clean and dropped == 0 and kept == sizes.shutdown_queued
+    return [
+        f"| 6 | Throughput with the journal: {sizes.throughput:,} JobStatusUpdates, each durable before it is sent "
+        f"| **{journal_rate:,.0f} msgs/s** with, {plain_rate:,.0f} msgs/s without: **ratio {ratio:.2f}** "
+        f"(median of {len(journaled)} alternating runs each; {extra_cpu:+.0f} µs CPU per update on the loop) "
+        f"| ratio ≥ {TARGET_JOURNAL_RATIO} | {_ok(ratio >= TARGET_JOURNAL_RATIO)} |",
+        f"| 7 | SIGINT exit with the journal, {sizes.shutdown_queued:,} updates queued "
+        f"| exit after **{median(exits):.2f} s** (max {max(exits):.2f} s of {len(exits)}); {kept:,} updates kept "
+        f"in the journal for the next start, {dropped} dropped; "
+        f"{'exit status 0, no asyncio warnings' if clean else 'WARNINGS or a bad exit status'} "
+        f"| ≤ {TARGET_JOURNAL_SHUTDOWN} s, nothing dropped | {_ok(met)} |",
+    ]
 
 
 async def profile_throughput(count: int, path: Path) -> None:
@@ -172,16 +203,21 @@ async def main(args: argparse.Namespace) -> int:
     latency = await latency_run(sizes.latency_rate, sizes.latency_seconds)
     say(f"shutdown: {sizes.shutdown_runs} × SIGINT with {sizes.shutdown_queued:,} queued")
     shutdowns = [await shutdown_run(sizes.shutdown_queued) for _ in range(sizes.shutdown_runs)]
+    say(f"journal: {args.rounds} × (client, client with the journal), then SIGINT with the journal")
+    journal = await journal_compare(sizes.throughput, args.rounds)
+    journal_shutdowns = [await shutdown_run(sizes.shutdown_queued, journal=True) for _ in range(sizes.shutdown_runs)]
     if args.profile is not None:
         say(f"profile: one client throughput run under pyinstrument -> {args.profile}")
         await profile_throughput(sizes.throughput, args.profile)
-    print(table(sizes, baselines, clients, memory, recovery, latency, shutdowns, when))
+    print(table(sizes, baselines, clients, memory, recovery, latency, shutdowns, journal, journal_shutdowns, when))
     if args.json is not None:
         raw: dict[str, Any] = {
             "when": when, "machine": machine(),
             "throughput": {"baseline": [asdict(r) for r in baselines], "client": [asdict(r) for r in clients]},
             "memory": memory, "recovery": asdict(recovery), "latency": asdict(latency),
             "shutdown": [asdict(s) for s in shutdowns],
+            "journal": {"client": [asdict(r) for r in journal[0]], "journal": [asdict(r) for r in journal[1]],
+                        "shutdown": [asdict(s) for s in journal_shutdowns]},
         }
         args.json.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
     return 0
