@@ -23,6 +23,9 @@ import orjson
 from streams.config import ClientConfig, ConfigError
 from streams.events import SystemEvent
 from streams.job_dispatcher import CallbackDispatcher, Dispatcher, SimulatedDispatcher
+from streams.journal import JournalError
+from streams.journal_cli import add_run_arguments as add_journal_arguments
+from streams.journal_cli import journal_path_for
 
 log = logging.getLogger("streams")
 
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--events", type=Path, metavar="FILE", help="append SystemEvents as JSON lines")
     run.add_argument("--record", type=Path, metavar="FILE", help="record the traffic as JSONL")
     run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_journal_arguments(run)
     _register_extra_commands(sub)
     return parser
 
@@ -196,6 +200,10 @@ async def _run(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     signer = load_signer(args)
+    try:
+        config = config.replace(journal_path=journal_path_for(args, signer.ss58_address))
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
     dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
     transport = None
     recorder = None
@@ -210,6 +218,8 @@ async def _run(args: argparse.Namespace) -> None:
     client.events.subscribe(lambda event: log.info("%s %s: %s", event.type, event.subtype, event.description))
     try:
         await run_until_signalled(client.start)
+    except JournalError as exc:  # not a journal, corrupt, newer, locked: refused before anything ran
+        raise CliError(str(exc)) from None
     finally:
         if events is not None:
             events.close()
@@ -238,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _register_extra_commands(sub: Any) -> None:
     """Subcommands that live in their own modules (simulator, demo, replay) add themselves here."""
-    for module_name in ("streams.simulator_cli", "streams.demo", "streams.replay", "streams.celery"):
+    modules = ("streams.simulator_cli", "streams.demo", "streams.replay", "streams.celery", "streams.journal_cli")
+    for module_name in modules:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

@@ -47,6 +47,12 @@ EVENT_FIELDS: dict[str, set[str]] = {
     "SOURCE_FAILED": {"exception", "message"},
     "SUBSCRIBER_FAILED": {"stream", "exception", "message"},
     "DISPATCHER_FAILED": {"operation", "exception", "message", "retry_in"},
+    "JOURNAL_RECOVERED": {
+        "path", "resent_updates", "resent_status_updates", "resent_spec_updates", "horde_failed_jobs", "jobs",
+        "oldest_recorded_at",
+    },
+    "JOURNAL_FAILED": {"path", "exception", "message"},
+    "JOURNAL_RESUMED": {"path"},
 }
 
 STAT_LINE = re.compile(r"^(?P<name>[^:|\s]+):(?P<value>-?[0-9.]+)\|(?P<type>c|g|ms)$")
