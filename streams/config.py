@@ -8,9 +8,24 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from streams.exceptions import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or malformed; the message names the field."""
+__all__ = ["ClientConfig", "ConfigError", "validate_ws_url"]
+
+
+def validate_ws_url(url: object, *, what: str = "url") -> None:
+    """Raise :class:`ConfigError` (a ValueError) unless ``url`` is a ws:// or wss:// URL with a host and valid port."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be a string like ws://127.0.0.1:8765/ws/v0/, got {type(url).__name__}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            f"{what} must be a ws:// or wss:// URL with a host, like ws://127.0.0.1:8765/ws/v0/; got {url!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed or out-of-range port
+    except ValueError as exc:
+        raise ConfigError(f"{what} has an invalid port: {url!r} ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +80,7 @@ class ClientConfig:
     statsd_prefix: str = "facilitator_client"
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ConfigError(
-                f"url must be a ws:// or wss:// URL with a host, like ws://127.0.0.1:8765/ws/v0/; got {self.url!r}"
-            )
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"url has an invalid port: {self.url!r} ({exc})") from None
+        validate_ws_url(self.url)
         if self.journal_path is not None and not isinstance(self.journal_path, str | os.PathLike):
             raise ConfigError(f"journal_path must be a path or None, got {type(self.journal_path).__name__}")
         if isinstance(self.journal_path, str) and not self.journal_path.strip():

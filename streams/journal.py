@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from streams.exceptions import JOURNAL_RESET_HINT, JournalError, JournalLocked
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
@@ -50,29 +52,7 @@ APPLICATION_ID: Final = 0x46535431
 """``PRAGMA application_id`` of a journal ("FST1"): tells our file from any other SQLite database."""
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 FINAL_STATUSES: Final = frozenset({"completed", "rejected", "failed", "horde_failed"})
-RESET_HINT: Final = "start with --journal-reset to move it aside (it is kept, renamed), or pass --journal PATH"
-
-
-class JournalError(ValueError):
-    """The journal cannot be used; the message names the file and the way out."""
-
-    def __init__(self, path: Path | str, problem: str, hint: str = RESET_HINT) -> None:
-        super().__init__(f"journal {path}: {problem}; {hint}")
-        self.path = Path(path)
-        self.problem = problem
-
-
-class JournalLocked(JournalError):
-    """Another live process holds the journal."""
-
-    def __init__(self, path: Path | str, pid: int | None) -> None:
-        holder = f"pid {pid}" if pid is not None else "a process whose pid is unknown"
-        super().__init__(
-            path,
-            f"in use by another client ({holder})",
-            "stop that client first, or give this one its own file with --journal PATH",
-        )
-        self.pid = pid
+RESET_HINT: Final = JOURNAL_RESET_HINT
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,12 +24,13 @@ from streams.connection_manager import (
     ConnectionManager,
     Disconnected,
 )
+from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
 from streams.job_dispatcher import JobDispatcher, JobFailure
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.metrics import Metrics
 from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest
-from streams.safe_subject import SafeBehaviorSubject, SafeSubject
+from streams.safe_subject import SafeSubject
 from streams.transport import CloseInfo
 
 EXCERPT = 200
@@ -58,7 +59,7 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
 class PerformanceMonitor:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self._subscriber_failed("events"))
+        self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self.subscriber_failed("events"))
         self._subscriptions = CompositeDisposable()
         self._depth = Depth(0, 0, 0, 0)
         self._messages: MessageManager | None = None
@@ -86,7 +87,7 @@ class PerformanceMonitor:
         finally:
             self._emitting -= 1
 
-    def _subscriber_failed(self, stream: str) -> Callable[[BaseException], None]:
+    def subscriber_failed(self, stream: str) -> Callable[[BaseException], None]:
         """A host subscriber raised: count it always; one SUBSCRIBER_FAILED per stream and exception type."""
 
         def report(exc: BaseException) -> None:
@@ -115,9 +116,6 @@ class PerformanceMonitor:
         cheats: CheatReportHandler,
         cheat_reports: reactivex.Observable[V0JobCheated],
     ) -> None:
-        state = connection.state
-        if isinstance(state, SafeBehaviorSubject) and state.on_subscriber_error is None:
-            state.on_subscriber_error = self._subscriber_failed("state")
         self._messages = messages
         add = self._subscriptions.add
         add(connection.changes.subscribe(self._on_change))
@@ -137,11 +135,14 @@ class PerformanceMonitor:
         add(jobs.failures.subscribe(self._on_job_failure))
         add(cheat_reports.subscribe(lambda _report: self.metrics.incr("cheat.reports")))
         add(cheats.failures.subscribe(self._on_cheat_failure))
-        failures = getattr(jobs.dispatcher, "failures", None)  # e.g. CeleryDispatcher: Redis/broker trouble
-        if isinstance(failures, reactivex.Observable):
-            add(failures.subscribe(self._on_dispatcher_failure))
+        if isinstance(jobs.dispatcher, FailureReporting):  # e.g. CeleryDispatcher: Redis/broker trouble
+            add(jobs.dispatcher.failures.subscribe(self._on_dispatcher_failure))
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Nothing to start: ``watch()`` wired the subscriptions (before any component started)."""
+
+    async def stop(self) -> None:
+        """Last to stop: dispose the subscriptions, complete ``events``, flush and close the metrics."""
         self._subscriptions.dispose()
         self._events.on_completed()
         self.metrics.close()

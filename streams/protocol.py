@@ -1,4 +1,4 @@
-"""Wire models and codec for facilitator protocol v0 (see shared/PROTOCOL.md).
+"""Wire models and codec for facilitator protocol v0 (see docs/PROTOCOL.md).
 
 Outbound models are strict (frozen, extra fields forbidden) because the real facilitator answers an
 unparseable frame with an error Response, which shifts FIFO ack matching, and crashes on some inputs.
@@ -17,6 +17,8 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_ch
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core.core_schema import ValidationInfo
+
+from streams.exceptions import DecodeError
 
 __all__ = [
     "FINAL_STATUSES",
@@ -347,21 +349,9 @@ InboundMessage: TypeAlias = Response | V2JobRequest | V0JobCheated
 # --------------------------------------------------------------------------- codec
 
 
-class DecodeError(ValueError):
-    """A frame that is not a valid message; says what was wrong and shows the start of the frame."""
-
-    def __init__(self, reason: str, excerpt: str = "") -> None:
-        super().__init__(reason, excerpt)
-        self.reason = reason
-        self.excerpt = excerpt
-
-    def __str__(self) -> str:
-        return f"{self.reason}; frame: {self.excerpt!r}" if self.excerpt else self.reason
-
-    @classmethod
-    def for_frame(cls, reason: str, frame: object) -> DecodeError:
-        """Build one with the excerpt of `frame` (str or bytes), cheap even for huge frames."""
-        return cls(reason, _excerpt(frame))
+def _decode_error(reason: str, frame: object) -> DecodeError:
+    """A DecodeError with the excerpt of `frame` (str or bytes), cheap even for huge frames."""
+    return DecodeError(reason, _excerpt(frame))
 
 
 def _excerpt(frame: object) -> str:
@@ -426,11 +416,11 @@ def decode(frame: str | bytes) -> InboundMessage:
         message_type = obj.get("message_type")
         if message_type is None:
             if "status" not in obj:
-                raise DecodeError.for_frame("JSON object has neither `message_type` nor `status`", frame)
+                raise _decode_error("JSON object has neither `message_type` nor `status`", frame)
             return _validate(Response, obj, frame)
         model = _INBOUND_TYPES.get(message_type) if isinstance(message_type, str) else None
         if model is None:
-            raise DecodeError.for_frame(f"unknown inbound message_type {_short(message_type)}", frame)
+            raise _decode_error(f"unknown inbound message_type {_short(message_type)}", frame)
         request = _validate(model, obj, frame)
         request._raw = obj
         return request
@@ -448,7 +438,7 @@ def decode_outbound(frame: str | bytes) -> OutboundMessage:
         model = _OUTBOUND_TYPES.get(message_type) if isinstance(message_type, str) else None
         if model is None:
             what = "missing" if message_type is None else f"unknown: {_short(message_type)}"
-            raise DecodeError.for_frame(f"outbound message_type {what}", frame)
+            raise _decode_error(f"outbound message_type {what}", frame)
         return _validate(model, obj, frame)
     except DecodeError:
         raise
@@ -484,16 +474,16 @@ def _load_object(frame: object) -> dict[str, Any]:
     elif isinstance(frame, (bytes, bytearray, memoryview)):
         size = len(frame)
     else:
-        raise DecodeError.for_frame(f"frame must be str or bytes, not {type(frame).__name__}", frame)
+        raise _decode_error(f"frame must be str or bytes, not {type(frame).__name__}", frame)
     if size > MAX_FRAME_BYTES:
         reason = f"frame is {size} bytes, larger than the {MAX_FRAME_BYTES} byte limit"
-        raise DecodeError.for_frame(reason, frame)
+        raise _decode_error(reason, frame)
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        raise DecodeError.for_frame(_why_not_json(frame, exc), frame) from None
+        raise _decode_error(_why_not_json(frame, exc), frame) from None
     if not isinstance(obj, dict):
-        raise DecodeError.for_frame(f"frame is JSON but not an object (got {json_kind(obj)})", frame)
+        raise _decode_error(f"frame is JSON but not an object (got {json_kind(obj)})", frame)
     return obj
 
 
@@ -514,7 +504,7 @@ def _validate(model: type[_M], obj: dict[str, Any], frame: object) -> _M:
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        raise DecodeError.for_frame(f"invalid {model.__name__}: {_summarise(exc)}", frame) from None
+        raise _decode_error(f"invalid {model.__name__}: {_summarise(exc)}", frame) from None
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -534,7 +524,7 @@ def _unexpected(exc: Exception, frame: object) -> DecodeError:
         detail = str(exc)[:_EXCERPT_CHARS]
     except Exception:
         detail = "?"
-    return DecodeError.for_frame(f"frame could not be decoded ({type(exc).__name__}: {detail})", frame)
+    return _decode_error(f"frame could not be decoded ({type(exc).__name__}: {detail})", frame)
 
 
 def _short(value: object) -> str:

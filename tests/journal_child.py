@@ -23,8 +23,8 @@ import uuid
 import orjson
 
 from streams import ClientConfig, FacilitatorClient
+from streams.dispatchers import Report
 from streams.events import ConnectionState, EventType, SystemEvent
-from streams.job_status_update_manager import Report
 from streams.protocol import JobStatus, V2JobRequest
 from tests.helpers import ALICE
 
@@ -72,7 +72,7 @@ async def main(url: str, journal: str, run: int, count: int, after_job: bool) ->
     assert client.journal is not None
     if after_job:
         await RUNNING.wait()
-    reporters = [client.statuses.open(job) for job in jobs_of(run, count)]
+    reporters = [client._statuses.open(job) for job in jobs_of(run, count)]  # as bench/ does: no public API
     queued = 0
     for status in STEPS:
         for report in reporters:
@@ -87,7 +87,7 @@ async def main(url: str, journal: str, run: int, count: int, after_job: bool) ->
         pass
     dropped = [e for e in events if e.type is EventType.MESSAGE_DROPPED]
     print(orjson.dumps({
-        "kept": client.messages.kept_in_journal,
+        "kept": client.metrics.gauge_value("journal.kept_at_exit"),
         "dropped": len(dropped),
         "recovered": [e.data for e in events if e.type is EventType.JOURNAL_RECOVERED],
     }).decode(), flush=True)

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from streams import journal as journal_module
+from streams.exceptions import StreamsError
 from streams.journal import (
     APPLICATION_ID,
     Journal,
@@ -204,7 +205,7 @@ def test_a_file_that_is_not_sqlite_is_refused_with_the_way_out(path: Path) -> No
     with pytest.raises(JournalError) as caught:
         Journal.open(path)
     assert_actionable(caught.value, path, "not a journal", "--journal-reset")
-    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, StreamsError)
     assert path.read_text().startswith("hello"), "a refused file is never touched"
 
 

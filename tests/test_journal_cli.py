@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from streams.devtools.simulator import FacilitatorSimulator
 from streams.journal import Journal, summarize
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import ALICE
 
 pytestmark = pytest.mark.timeout(60)

@@ -26,10 +26,11 @@ import orjson
 import pytest
 
 from streams import ClientConfig, FacilitatorClient
+from streams.devtools.simulator import FacilitatorSimulator
+from streams.dispatchers.base import StatusFeed
 from streams.events import EventType
 from streams.journal import Journal, JournalError, summarize
 from streams.protocol import JobStatus, V2JobRequest
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, FULL_SEQUENCE, fast_config, running_client, wait_until
 from tests.journal_child import STEPS, jobs_of
 
@@ -349,13 +350,13 @@ async def test_celery_style_dispatchers_jobs_are_not_tracked_as_in_process(tmp_p
     journal = tmp_path / "j.sqlite3"
 
     class Handoff:
-        """Like the Celery dispatcher: bind() marks statuses that arrive from elsewhere."""
+        """Like the Celery dispatcher (a FeedingDispatcher): the job runs elsewhere, its statuses come back."""
 
-        def bind(self, statuses: Any, acks: Any) -> None:
-            self.statuses = statuses
+        def bind(self, feed: StatusFeed) -> None:
+            self.feed = feed
 
         async def handle(self, job: V2JobRequest, report: Any) -> None:
-            report(JobStatus.ACCEPTED)
+            self.feed.report(job.uuid, JobStatus.ACCEPTED)  # as if a worker reported it
 
     async with FacilitatorSimulator() as sim:
         async with running_client(fast_config(sim.url, journal_path=journal), Handoff()) as run:

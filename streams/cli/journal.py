@@ -11,13 +11,16 @@ import argparse
 import datetime
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from streams.journal import JournalError, Summary, default_path, reset, summarize
+from streams.cli.common import CliError, Command
+from streams.exceptions import JournalError
+from streams.journal import Summary, default_path, reset, summarize
+
+__all__ = ["add_run_arguments", "format_summary", "journal_path_for", "register"]
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -109,8 +112,6 @@ def summary_json(summary: Summary) -> dict[str, Any]:
 
 
 async def _journal(args: argparse.Namespace) -> None:
-    from streams.cli import CliError
-
     try:
         summary = summarize(args.path)
     except JournalError as exc:
@@ -121,7 +122,7 @@ async def _journal(args: argparse.Namespace) -> None:
         print(format_summary(summary))
 
 
-def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]]:
+def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser(
         "journal", help="summarize a journal: pending updates per kind, open jobs, oldest item",
         description="Read a journal (safe while a client runs on it) and print what a restart would resend.",
