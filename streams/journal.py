@@ -38,7 +38,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -123,7 +123,7 @@ class JournalStats:
 class _Work:
     """Operations not yet committed, compacted: an update inserted and deleted before a commit is neither."""
 
-    inserts: dict[int, tuple[int, str, str | None, str | None, str, float]] = field(default_factory=dict)
+    inserts: dict[int, _Row] = field(default_factory=dict)
     deletes: set[int] = field(default_factory=set)
     jobs: dict[str, tuple[str | None, float, float] | None] = field(default_factory=dict)
     """uuid -> (last_status, dispatched_at, updated_at) to upsert, or None to delete."""
@@ -134,41 +134,59 @@ class _Work:
     def __bool__(self) -> bool:
         return bool(self.inserts or self.deletes or self.jobs)
 
-    def merge(self, batch: int, ops: Iterable[_Op]) -> None:
-        self.batch = max(self.batch, batch)
-        for op in ops:
-            if isinstance(op, _Insert):
-                self.inserts[op.row[0]] = op.row
-                self.max_seq = max(self.max_seq, op.row[0])
-            elif isinstance(op, _Delete):
-                if self.inserts.pop(op.seq, None) is None:
-                    self.deletes.add(op.seq)
-            elif isinstance(op, _Job):
-                self.jobs[op.uuid] = op.row
+    def merge(self, batch: _Batch) -> None:
+        """Fold one hand-over in; a batch's deletes never precede the insert of the same seq."""
+        self.batch = max(self.batch, batch.number)
+        inserts = self.inserts
+        for row in batch.inserts:
+            inserts[row[0]] = row
+        if batch.inserts:
+            self.max_seq = max(self.max_seq, batch.inserts[-1][0])
+        deletes = self.deletes
+        for seq in batch.deletes:
+            inserts.pop(seq, None)  # never written; still deleted, so that deletes form contiguous ranges
+            deletes.add(seq)
+        self.jobs.update(batch.jobs)
 
     @property
     def size(self) -> int:
         return len(self.inserts) + len(self.deletes) + len(self.jobs)
 
 
-@dataclass(frozen=True, slots=True)
-class _Insert:
-    row: tuple[int, str, str | None, str | None, str, float]
+_Row = tuple[int, str, str | None, str | None, str, float]
+"""(seq, kind, job_uuid, status, frame, recorded_at): an ``updates`` row, in column order."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Delete:
-    seq: int
+@dataclass(slots=True)
+class _Batch:
+    """What one loop iteration recorded (handed to the writer as a whole)."""
+
+    number: int = 0
+    inserts: list[_Row] = field(default_factory=list)
+    deletes: list[int] = field(default_factory=list)
+    jobs: dict[str, tuple[str | None, float, float] | None] = field(default_factory=dict)
+    """uuid -> (last_status, dispatched_at, updated_at), or None to delete; the last change wins."""
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.deletes or self.jobs)
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    uuid: str
-    row: tuple[str | None, float, float] | None
-
-
-_Op = _Insert | _Delete | _Job
 _STOP: Final = object()
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as (first, last) runs of consecutive values: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    if not seqs:
+        return runs
+    first = last = seqs[0]
+    for seq in seqs[1:]:
+        if seq != last + 1:
+            runs.append((first, last))
+            first = seq
+        last = seq
+    runs.append((first, last))
+    return runs
 
 
 # -- opening, checking, migrating --------------------------------------------------------------------
@@ -394,9 +412,9 @@ class Journal:
         self._durable_seq = self._next_seq - 1
         self._pending = len(recovery.updates)
         self._open_jobs: dict[str, float] = {job.uuid: job.dispatched_at for job in recovery.jobs}
-        self._ops: list[_Op] = []
+        self._batch = _Batch()
         self._handover_scheduled = False
-        self._queue: queue.SimpleQueue[tuple[int, list[_Op]] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Batch | object] = queue.SimpleQueue()
         self._handed = 0
         self._committed_batch = 0
         self._thread: threading.Thread | None = None
@@ -489,13 +507,16 @@ class Journal:
         self._next_seq += 1
         now = time.time()
         self._pending += 1
-        self._push(_Insert((seq, kind, job_uuid, status, frame, now)))
+        batch = self._batch
+        batch.inserts.append((seq, kind, job_uuid, status, frame, now))
         if job_uuid is not None and status is not None and job_uuid in self._open_jobs:
             if status in FINAL_STATUSES:
                 del self._open_jobs[job_uuid]
-                self._push(_Job(job_uuid, None))
+                batch.jobs[job_uuid] = None
             else:
-                self._push(_Job(job_uuid, (status, self._open_jobs[job_uuid], now)))
+                batch.jobs[job_uuid] = (status, self._open_jobs[job_uuid], now)
+        if not self._handover_scheduled:
+            self._schedule_handover()
         return seq
 
     def answered(self, seq: int) -> None:
@@ -503,7 +524,9 @@ class Journal:
         if seq <= 0 or self._closing:
             return
         self._pending -= 1
-        self._push(_Delete(seq))
+        self._batch.deletes.append(seq)
+        if not self._handover_scheduled:
+            self._schedule_handover()
 
     def job_dispatched(self, uuid: str, status: str | None = "received") -> None:
         """A job now runs in this process; ``status``: the one already reported for it."""
@@ -512,21 +535,22 @@ class Journal:
             return
         now = time.time()
         self._open_jobs[uuid] = now
-        self._push(_Job(uuid, (status, now, now)))
+        self._batch.jobs[uuid] = (status, now, now)
+        if not self._handover_scheduled:
+            self._schedule_handover()
 
     def job_closed(self, uuid: str) -> None:
         """Forget a job without a final status recorded (e.g. it was reported elsewhere)."""
         if self._open_jobs.pop(uuid, None) is not None and not self._closing:
-            self._push(_Job(uuid, None))
+            self._batch.jobs[uuid] = None
+            if not self._handover_scheduled:
+                self._schedule_handover()
 
     def _check_open(self) -> None:
         if self._closing:
             raise RuntimeError(f"journal {self.path} is closed")
 
-    def _push(self, op: _Op) -> None:
-        self._ops.append(op)
-        if self._handover_scheduled:
-            return
+    def _schedule_handover(self) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             self._hand_over()
@@ -537,10 +561,11 @@ class Journal:
     def _hand_over(self) -> None:
         """Once per loop iteration: everything recorded in it goes to the writer as one batch."""
         self._handover_scheduled = False
-        if self._ops:
-            ops, self._ops = self._ops, []
+        if self._batch:
+            batch, self._batch = self._batch, _Batch()
             self._handed += 1
-            self._queue.put((self._handed, ops))
+            batch.number = self._handed
+            self._queue.put(batch)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -629,7 +654,7 @@ class Journal:
                     if item is _STOP:
                         stop = True
                     else:
-                        work.merge(*item)  # type: ignore[misc]
+                        work.merge(item)  # type: ignore[arg-type]
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
@@ -672,10 +697,10 @@ class Journal:
                 db.executemany(
                     "INSERT OR REPLACE INTO updates (seq, kind, job_uuid, status, frame, recorded_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(s, k, j, st, f, t) for (s, k, j, st, f, t) in work.inserts.values()],
+                    work.inserts.values(),
                 )
-            if work.deletes:
-                db.executemany("DELETE FROM updates WHERE seq = ?", [(seq,) for seq in work.deletes])
+            if work.deletes:  # answers come mostly in seq order: one statement per contiguous run
+                db.executemany("DELETE FROM updates WHERE seq BETWEEN ? AND ?", _runs(sorted(work.deletes)))
             upserts = [(uuid, *row) for uuid, row in work.jobs.items() if row is not None]
             if upserts:
                 db.executemany(
