@@ -57,7 +57,7 @@ class QueueOnStart:
                     queued += 1
 
     async def stop(self) -> None:
-        """Nothing to release (a ManagedDispatcher has both start() and stop())."""
+        """Nothing to release."""
 
     async def handle(self, job: V2JobRequest, report: Report) -> None:
         """No job requests come in this benchmark."""

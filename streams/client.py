@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from types import TracebackType
 from typing import Any
@@ -250,8 +251,11 @@ class FacilitatorClient:
     # -- wiring ---------------------------------------------------------------------------------
     async def _start_components(self, stack: contextlib.AsyncExitStack) -> None:
         scheduler = AsyncIOScheduler(asyncio.get_running_loop())
+        max_bytes = self._config.max_frame_bytes
         inbound = partition_by(
-            self._connection.frames.pipe(decode_frames(decode)), inbound_route, INBOUND_ROUTES
+            self._connection.frames.pipe(decode_frames(functools.partial(decode, max_bytes=max_bytes))),
+            inbound_route,
+            INBOUND_ROUTES,
         )
         responses = inbound["Response"].pipe(ops.map(_message))
         cheat_reports = inbound["V0JobCheated"].pipe(ops.map(_message))

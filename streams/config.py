@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from streams.exceptions import ConfigError
+from streams.protocol import MAX_FRAME_BYTES
 
 __all__ = ["ClientConfig", "ConfigError", "validate_ws_url"]
 
@@ -44,7 +45,7 @@ class ClientConfig:
     auth_timeout: float = 10.0
     close_timeout: float = 5.0
     send_timeout: float = 10.0
-    max_frame_bytes: int = 50 * 2**20
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
     backoff_base: float = 1.0
     backoff_cap: float = 60.0

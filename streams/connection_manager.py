@@ -26,6 +26,18 @@ from streams.protocol import DecodeError, Response, Signer, V0AuthenticationRequ
 from streams.safe_subject import SafeBehaviorSubject, SafeSubject
 from streams.transport import CloseInfo, Transport, TransportClosed, TransportConnectError, TransportError
 
+__all__ = [
+    "AuthRejected",
+    "AuthenticationFailed",
+    "ConnectAttempt",
+    "ConnectFailed",
+    "Connected",
+    "ConnectionChange",
+    "ConnectionManager",
+    "Disconnected",
+    "Frame",
+]
+
 log = logging.getLogger(__name__)
 
 Frame = str | bytes

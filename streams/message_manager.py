@@ -44,6 +44,20 @@ from streams.exceptions import TransportClosed, UsageError
 from streams.journal import Journal, PendingUpdate
 from streams.protocol import OutboundMessage, Response, encode
 
+__all__ = [
+    "HEARTBEAT_KIND",
+    "POLICIES",
+    "SPEC_KIND",
+    "STATUS_KIND",
+    "AckOutcome",
+    "Depth",
+    "Envelope",
+    "MessageManager",
+    "Requeued",
+    "Sent",
+    "envelope_of",
+]
+
 STATUS_KIND = "V0JobStatusUpdate"
 SPEC_KIND = "V0MachineSpecsUpdate"
 HEARTBEAT_KIND = "V0Heartbeat"

@@ -26,22 +26,15 @@ from streams.connection_manager import (
 )
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
+from streams.exceptions import DecodeError, DispatcherError
 from streams.job_dispatcher import JobDispatcher, JobFailure
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.metrics import Metrics
-from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest
+from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest, excerpt, message_kind
 from streams.safe_subject import SafeSubject
 from streams.transport import CloseInfo
 
-EXCERPT = 200
-
-
-def _excerpt(frame: str | bytes) -> str:
-    """The start of a frame, and how much of it was left out (text) or how long it was (binary)."""
-    if isinstance(frame, str):
-        return frame if len(frame) <= EXCERPT else f"{frame[:EXCERPT]}…(+{len(frame) - EXCERPT} chars)"
-    text = repr(bytes(frame[:EXCERPT]))
-    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}…({len(frame)} bytes in all)"
+__all__ = ["PerformanceMonitor"]
 
 
 def _close_data(info: CloseInfo | None) -> dict[str, object]:
@@ -252,13 +245,14 @@ class PerformanceMonitor:
     def _on_inbound(self, item: Decoded[InboundMessage] | Malformed) -> None:
         if isinstance(item, Malformed):
             self.metrics.incr("messages.malformed")
+            reason = item.error.reason if isinstance(item.error, DecodeError) else str(item.error)
             self.emit(
                 EventType.MALFORMED_MESSAGE, type(item.error).__name__,
-                f"malformed frame from the facilitator: {getattr(item.error, 'reason', item.error)}",
-                excerpt=_excerpt(item.frame), error=str(item.error)[:500],
+                f"malformed frame from the facilitator: {reason}",
+                excerpt=excerpt(item.frame), error=reason[:500],
             )
             return
-        self.metrics.incr(f"messages.received.{_inbound_kind(item.message)}")
+        self.metrics.incr(f"messages.received.{message_kind(item.message)}")
 
     def _on_dispatched(self, job: V2JobRequest) -> None:
         self.metrics.incr("jobs.dispatched")
@@ -277,13 +271,13 @@ class PerformanceMonitor:
             job_uuid=failure.job_uuid, exception=type(failure.error).__name__, message=str(failure.error)[:500],
         )
 
-    def _on_dispatcher_failure(self, failure: Exception) -> None:
-        operation = str(getattr(failure, "operation", "dispatcher"))
+    def _on_dispatcher_failure(self, failure: DispatcherError) -> None:
+        operation = failure.operation
         self.metrics.incr(f"dispatcher.failures.{operation}")
-        retry_in = getattr(failure, "retry_in", None)
+        retry_in = failure.retry_in
         self.emit(
             EventType.DISPATCHER_FAILED, operation, f"dispatcher {operation} failed: {failure}",
-            operation=operation, exception=type(getattr(failure, "error", failure)).__name__,
+            operation=operation, exception=type(failure.error).__name__,
             message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
         )
 
@@ -296,8 +290,3 @@ class PerformanceMonitor:
             message=str(failure.error)[:500],
         )
 
-
-def _inbound_kind(message: InboundMessage) -> str:
-    if isinstance(message, Response):
-        return "Response"
-    return message.message_type

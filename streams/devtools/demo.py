@@ -30,6 +30,8 @@ from streams.dispatchers.lifecycle import FAIL_ENV, IN_PROGRESS
 from streams.dispatchers.simulated import SimulatedDispatcher
 from streams.events import ConnectionState, EventType, SystemEvent
 
+__all__ = ["EXPECTED", "DemoResult", "print_summary", "run_demo"]
+
 EXPECTED = ["sent", "received", *(status.value for status in IN_PROGRESS)]
 """What the facilitator stores for every demo job before its final status (``sent`` is its own)."""
 

@@ -20,6 +20,7 @@ from websockets.protocol import State
 
 from streams.config import validate_ws_url
 from streams.exceptions import TransportClosed, TransportConnectError
+from streams.protocol import MAX_FRAME_BYTES
 from streams.transport.base import (
     ABNORMAL_CLOSURE,
     CloseInfo,
@@ -62,7 +63,7 @@ class WebSocketTransport(Transport):
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        max_size: int = 50 * 2**20,
+        max_size: int = MAX_FRAME_BYTES,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         open_timeout: float = 10.0,
