@@ -51,7 +51,7 @@ __all__ = ["INBOUND_ROUTES", "FacilitatorClient", "inbound_route"]
 
 log = logging.getLogger(__name__)
 
-JOURNAL_EXIT_BUDGET = 0.4
+JOURNAL_EXIT_BUDGET = 0.3
 """With a journal, an exit does not drain (pending updates stay journaled): the close gets at most this long."""
 
 Inbound = Decoded[InboundMessage] | Malformed
