@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from streams.exceptions import JOURNAL_RESET_HINT, JournalError, JournalLocked
+from streams.exceptions import JOURNAL_RESET_HINT, JournalError, JournalLocked, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ class Journal:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise RuntimeError(f"journal {self.path} is closed")
+            raise UsageError(f"journal {self.path} is closed")
 
     def _schedule_handover(self) -> None:
         loop = self._loop
@@ -571,7 +571,7 @@ class Journal:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the writer thread; callbacks go to ``loop`` (default: the running loop)."""
         if self._thread is not None:
-            raise RuntimeError("Journal.start() can be called once")
+            raise UsageError("Journal.start() can be called once")
         self._check_open()
         self._loop = loop or asyncio.get_running_loop()
         self._durable_changed = asyncio.Event()
@@ -591,7 +591,7 @@ class Journal:
 
     async def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if self._durable_changed is None:
-            raise RuntimeError("Journal.start() first")
+            raise UsageError("Journal.start() first")
         event = self._durable_changed
         try:
             async with asyncio.timeout(timeout):
