@@ -30,6 +30,7 @@ from streams.devtools.simulator import FacilitatorSimulator
 from streams.dispatchers.base import StatusFeed
 from streams.events import EventType
 from streams.journal import Journal, JournalError, summarize
+from streams.message_manager import Sent
 from streams.protocol import JobStatus, V2JobRequest
 from tests.helpers import ALICE, FULL_SEQUENCE, fast_config, running_client, wait_until
 from tests.journal_child import STEPS, jobs_of
@@ -286,13 +287,27 @@ async def test_a_normal_run_answers_and_prunes_everything_and_reports_journal_me
     async with FacilitatorSimulator() as sim:
         config = fast_config(sim.url, journal_path=journal)
         async with running_client(config) as run:
+            await wait_until(lambda: run.client._messages is not None, 10, "the client started")
+            opened = run.client.journal
+            assert opened is not None and run.client._messages is not None
+            # Durable before sent: at the moment each update is written, its journal row has committed.
+            sends: list[tuple[int, int]] = []
+
+            def on_sent(sent: Sent) -> None:
+                if sent.envelope.expects_ack:
+                    sends.append((sent.envelope.seq, opened.durable_seq))
+
+            run.client._messages.sent.subscribe(on_sent)
             jobs = [(await sim.send_job_request())["uuid"] for _ in range(20)]
             await sim.wait_for(lambda: all(len(sim.stored[j]) == 1 + len(FULL_SEQUENCE) for j in jobs), 20, "done")
-            await wait_until(lambda: run.client.journal is not None and run.client.journal.pending == 0, 10, "pruned")
-            await wait_until(lambda: run.client.journal is not None and run.client.journal.open_jobs == 0, 10, "closed")
+            await wait_until(lambda: opened.pending == 0, 10, "pruned")
+            await wait_until(lambda: opened.open_jobs == 0, 10, "closed")
             metrics = run.client.metrics
             assert metrics.samples("journal.write_latency"), "commit latency measured"
-            assert metrics.gauge_value("journal.bytes") or 0 > 0
+            assert (metrics.gauge_value("journal.bytes") or 0) > 0
+        assert len(sends) == 20 * len(FULL_SEQUENCE)
+        assert all(0 < seq <= durable for seq, durable in sends), [s for s in sends if not 0 < s[0] <= s[1]][:5]
+        assert opened.stats().commits < len(sends), "batched: fewer commits than updates"
         assert not run.events_of("MESSAGE_DROPPED")
     summary = summarize(journal)
     assert summary.pending_by_kind == {} and summary.open_jobs == () and summary.holder_pid is None
