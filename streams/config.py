@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -101,6 +102,10 @@ class ClientConfig:
     signatory is accepted (as a validator with no whitelist does), with a warning at start."""
     signature_max_age: float | None = None
     """Refuse a signature whose timestamp is further than this many seconds from now; None: no bound."""
+    journal_path: str | os.PathLike[str] | None = None
+    """The durable journal behind the outbox (SQLite; created if missing). None: everything lives in memory."""
+    journal_retry_interval: float = 5.0
+    """After a journal write failed (disk full, read-only), retry the unwritten backlog this often."""
 
     statsd_host: str | None = None
     statsd_port: int = 8125
@@ -113,6 +118,10 @@ class ClientConfig:
         except ValueError:
             choices = ", ".join(mode.value for mode in AuthMode)
             raise ConfigError(f"auth_mode must be one of {choices}; got {self.auth_mode!r}") from None
+        if self.journal_path is not None and not isinstance(self.journal_path, str | os.PathLike):
+            raise ConfigError(f"journal_path must be a path or None, got {type(self.journal_path).__name__}")
+        if isinstance(self.journal_path, str) and not self.journal_path.strip():
+            raise ConfigError("journal_path must not be empty (None turns the journal off)")
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -20,6 +20,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 
 from streams import ConnectionState, FacilitatorClient
 from streams.devtools.simulator import FacilitatorSimulator
+from streams.journal import summarize
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.protocol import JobStatus, V0JobCheated, V2JobRequest, decode
 from tests.helpers import FULL_SEQUENCE, Running, fast_config, running_client, wait_until
@@ -169,9 +171,17 @@ async def inject_faults(sim: FacilitatorSimulator, rng: random.Random, log: Coun
         log[kind] += 1
 
 
+# Every seed without the journal, and the first one again with it (every update durable before it is sent).
+CHAOS_CASES = [pytest.param(s, False, id=str(s)) for s in CHAOS_SEEDS] + [
+    pytest.param(CHAOS_SEEDS[0], True, id=f"{CHAOS_SEEDS[0]}-journal")
+]
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("chaos_seed", CHAOS_SEEDS)
-async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unacknowledged(chaos_seed: int) -> None:
+@pytest.mark.parametrize(("chaos_seed", "journal_on"), CHAOS_CASES)
+async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unacknowledged(
+    chaos_seed: int, journal_on: bool, tmp_path: Path
+) -> None:
     print(f"chaos seed {chaos_seed} (replay: RELIABILITY_SEEDS={chaos_seed} pytest tests/test_reliability.py -k chaos)")
     rng = random.Random(chaos_seed)
     go = asyncio.Event()
@@ -189,6 +199,7 @@ async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unac
         config = fast_config(
             sim.url, ping_interval=0.1, ping_timeout=0.1, close_timeout=0.2, send_timeout=0.5,
             backoff_cap=0.05, heartbeat_period=0.25, max_concurrent_jobs=None,
+            journal_path=tmp_path / "journal.sqlite3" if journal_on else None,
         )
         log = DeliveryLog()
         async with running_client(config, handle) as run:
@@ -249,6 +260,9 @@ async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unac
         assert set(injected) == set(FAULT_KINDS), injected
         assert counters["connect.successes"] >= 5
         assert_auth_first(sim)
+        if journal_on:  # every update was journaled, and every answered one pruned: nothing left to resend
+            left = summarize(tmp_path / "journal.sqlite3")
+            assert left.pending_by_kind == {} and left.open_jobs == (), left
         resent = sum(log.requeues.values())
         print(
             f"seed {chaos_seed}: {len(sim.faults)} faults {dict(kinds)}, injected {dict(injected)}, "

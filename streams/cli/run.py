@@ -13,10 +13,12 @@ from typing import Any
 import orjson
 
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
+from streams.cli.journal import add_run_arguments as add_journal_arguments
+from streams.cli.journal import journal_path_for
 from streams.config import AuthMode, ClientConfig
 from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
 from streams.events import SystemEvent
-from streams.exceptions import ConfigError, RecordingError
+from streams.exceptions import ConfigError, JournalError, RecordingError
 
 __all__ = ["EventFile", "load_dispatcher", "load_signer", "load_trusted_signers", "register"]
 
@@ -59,6 +61,7 @@ def register(sub: Any) -> dict[str, Command]:
     from streams.cli import worker
 
     worker.add_run_flags(run)
+    add_journal_arguments(run)
     return {"run": _run}
 
 
@@ -185,6 +188,10 @@ async def _run(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     signer = load_signer(args)
+    try:
+        config = config.replace(journal_path=journal_path_for(args, signer.ss58_address))
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
     dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
     transport = None
     recorder = None
@@ -202,6 +209,8 @@ async def _run(args: argparse.Namespace) -> None:
     client.events.subscribe(lambda event: log.info("%s %s: %s", event.type, event.subtype, event.description))
     try:
         await run_until_signalled(client.start)
+    except JournalError as exc:  # not a journal, corrupt, newer, another hotkey's, locked: refused at start
+        raise CliError(str(exc)) from None
     finally:
         if events is not None:
             events.close()
