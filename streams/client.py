@@ -87,6 +87,7 @@ class FacilitatorClient:
         self.connection = ConnectionManager(config, signer, self._transport)
         self.statuses = JobStatusUpdateManager()
         self.specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
+        self._spec_source = spec_updates
         self.jobs = JobDispatcher(
             dispatcher, self.statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window
         )
@@ -198,6 +199,7 @@ class FacilitatorClient:
             cheats=self.cheats,
             cheat_reports=cheat_reports,
         )
+        self.monitor.watch_source(self._spec_source)  # e.g. the channel layer's: malformed messages, outages
         self.messages.start()
         self.statuses.start()
         bind = getattr(self.jobs.dispatcher, "bind", None)

@@ -141,6 +141,12 @@ class PerformanceMonitor:
         if isinstance(failures, reactivex.Observable):
             add(failures.subscribe(self._on_dispatcher_failure))
 
+    def watch_source(self, source: object) -> None:
+        """A spec source with a ``failures`` observable (e.g. the channel layer's): SOURCE_FAILED events."""
+        failures = getattr(source, "failures", None)
+        if isinstance(failures, reactivex.Observable):
+            self._subscriptions.add(failures.subscribe(self._on_source_failure))
+
     def close(self) -> None:
         self._subscriptions.dispose()
         self._events.on_completed()
@@ -282,6 +288,16 @@ class PerformanceMonitor:
         retry_in = getattr(failure, "retry_in", None)
         self.emit(
             EventType.DISPATCHER_FAILED, operation, f"dispatcher {operation} failed: {failure}",
+            operation=operation, exception=type(getattr(failure, "error", failure)).__name__,
+            message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
+        )
+
+    def _on_source_failure(self, failure: Exception) -> None:
+        operation = str(getattr(failure, "operation", "source"))
+        self.metrics.incr(f"source.failures.{operation}")
+        retry_in = getattr(failure, "retry_in", None)
+        self.emit(
+            EventType.SOURCE_FAILED, "spec_updates", f"the spec update source: {operation} failed: {failure}",
             operation=operation, exception=type(getattr(failure, "error", failure)).__name__,
             message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
         )
