@@ -155,6 +155,7 @@ class _Collectors:
         self.lock = threading.Lock()
         self.by_name: dict[str, Collector] = {}
         self.label_names: dict[str, tuple[str, ...]] = {}
+        self.kinds: dict[str, Kind] = {}
         # Everything of the table at once: unlabelled series show 0 from the first scrape (rate() works).
         for spec in METRICS:
             self.get(spec.kind, spec.name, spec.doc or spec.name, self._label_names(spec), spec.buckets)
@@ -179,6 +180,8 @@ class _Collectors:
         with self.lock:
             existing = self.by_name.get(name)
             if existing is not None:
+                if self.kinds[name] != kind or (labels and self.label_names[name] != labels):
+                    raise ValueError(f"{name} is already a {self.kinds[name]} labelled {self.label_names[name]}")
                 return existing
             full = f"{self.namespace}_{name}" if self.namespace else name
             collector: Collector
@@ -189,6 +192,7 @@ class _Collectors:
             else:
                 collector = Histogram(full, doc, labels, registry=self.registry, buckets=buckets)
             self.by_name[name] = collector
+            self.kinds[name] = kind
             self.label_names[name] = labels
             return collector
 
@@ -262,7 +266,10 @@ class PrometheusSink:
         generic = _GENERIC.sub("_", name)
         suffix = {"counter": "_total", "gauge": "", "histogram": "_seconds"}[kind]
         try:
-            return self._collectors.get(kind, f"{generic}{suffix}", f"{name} (statsd name)", ())
+            collector = self._collectors.get(kind, f"{generic}{suffix}", f"{name} (statsd name)", ())
+            if self._collectors.label_names[f"{generic}{suffix}"]:
+                raise ValueError(f"{generic}{suffix} has labels {self._collectors.label_names[f'{generic}{suffix}']}")
+            return collector
         except ValueError as exc:  # clashes with a collector of another type or labels
             log.warning("metric %s is not exported to Prometheus: %s", name, exc)
             return _NULL
