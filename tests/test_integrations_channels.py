@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 try:
@@ -27,8 +28,8 @@ except ImportError as exc:  # pragma: no cover - make test installs the extra
 
 from streams.integrations.channels import (
     ChannelLayer,
-    ChannelSpecSource,
     ChannelsDispatcher,
+    ChannelSpecSource,
     MetadataRejected,
     parse_spec_message,
     parse_status_message,
@@ -123,7 +124,7 @@ def test_status_messages_are_checked_against_their_job() -> None:
     job = str(uuid.uuid4())
     update = parse_status_message(status_message(job, "accepted"), job)
     assert (update.uuid, update.status, update.metadata) == (job, JobStatus.ACCEPTED, None)
-    as_text = {"type": "job_status_update", "payload": '{"uuid": "%s", "status": "completed"}' % job.upper()}
+    as_text = {"type": "job_status_update", "payload": orjson.dumps({"uuid": job.upper(), "status": "completed"})}
     assert parse_status_message(as_text, job).status is JobStatus.COMPLETED  # JSON text, any uuid spelling
     cases = [
         ([1], "must be a dict, got an array"),
