@@ -4,7 +4,8 @@
         sends M spec messages (batch ids ``batch-N`` … ) to ``machine_spec_sending`` as the validator's spec
         producer does (a malformed one after the K-th), then exits.
     python -m tests.channels_peer driver URL --jobs N [--jobs-channel C] [--step-delay S] [--stagger S]
-        the job driver: receives job hand-offs on C (``{"job_uuid", "fail", "malformed"}``) and publishes each
+        the job driver: receives job hand-offs on C (``{"job_uuid", "fail", "malformed"}`` or ``{"job": raw job}``,
+        env FAIL: the job fails) and publishes each
         job's statuses to ``job_status_updates__{uuid}`` in the validator's message shape; exits after N jobs.
 
 Prints ``done`` at the end.
@@ -75,8 +76,11 @@ async def drive(layer: RedisChannelLayer, jobs: int, jobs_channel: str, step_del
     async with asyncio.TaskGroup() as group:
         for index in range(jobs):
             handoff = await layer.receive(jobs_channel)
-            fail, malformed = bool(handoff.get("fail")), bool(handoff.get("malformed"))
-            group.create_task(play(index, handoff["job_uuid"], fail, malformed))
+            job = handoff.get("job") or {}  # the worked example hands over the whole raw job
+            job_uuid = handoff.get("job_uuid") or job["uuid"]
+            env = job.get("env") or {}
+            fail, malformed = bool(handoff.get("fail") or "FAIL" in env), bool(handoff.get("malformed"))
+            group.create_task(play(index, job_uuid, fail, malformed))
 
 
 async def main(argv: list[str]) -> None:

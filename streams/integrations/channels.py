@@ -452,7 +452,13 @@ class ChannelsDispatcher:
                 continue
             if update.status is JobStatus.RECEIVED:
                 continue  # the client reported it when it dispatched the job
-            report(update.status, update.metadata)
+            try:
+                report(update.status, update.metadata)
+            except ValueError as exc:  # report() checks more than the model (e.g. enum values)
+                self.malformed += 1
+                log.warning("status of job %s on %s sent without its metadata: %s", job_uuid, channel, exc)
+                self._fail(ChannelFailure("metadata", channel, exc))
+                report(update.status, None)
             self.forwarded += 1
             if update.status.is_final:
                 return
