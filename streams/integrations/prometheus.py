@@ -21,15 +21,17 @@ Needs the ``prometheus`` extra (``prometheus_client``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import re
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -214,8 +216,53 @@ _EXACT: dict[str, MetricSpec] = {spec.statsd: spec for spec in METRICS if spec.v
 _PREFIXED: tuple[MetricSpec, ...] = tuple(spec for spec in METRICS if spec.variable_label is not None)
 
 
+class _Timings:
+    """One histogram's observations since the last flush, counted per bucket (what ``observe`` would add)."""
+
+    __slots__ = ("bounds", "child", "counts", "samples", "total")
+
+    def __init__(self, child: Collector) -> None:
+        self.child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        batchable = (
+            isinstance(bounds, list) and len(getattr(child, "_buckets", ())) == len(bounds)
+            and hasattr(child, "_sum")
+        )
+        self.bounds: list[float] | None = bounds if batchable else None
+        self.counts = [0] * len(bounds) if batchable and bounds is not None else []
+        self.total = 0.0
+        self.samples: list[float] = []  # only without the batchable internals
+
+    def add(self, seconds: float) -> None:
+        if self.bounds is None:
+            self.samples.append(seconds)
+            return
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # observe(): the first bound >= the value
+        self.total += seconds
+
+    def publish(self) -> None:
+        """What the ``observe`` calls would have done, one ``inc`` per touched bucket."""
+        if self.bounds is None:
+            samples, self.samples = self.samples, []
+            for seconds in samples:
+                self.child.observe(seconds)  # type: ignore[union-attr]
+            return
+        buckets: Any = self.child._buckets  # type: ignore[union-attr]
+        for index, count in enumerate(self.counts):
+            if count:
+                buckets[index].inc(count)
+                self.counts[index] = 0
+        self.child._sum.inc(self.total)  # type: ignore[union-attr]
+        self.total = 0.0
+
+
 class PrometheusSink:
-    """A ``streams.metrics.MetricsSink``: each call is one dict lookup and the collector's own update.
+    """A ``streams.metrics.MetricsSink`` batching into the collectors once per event-loop iteration.
+
+    prometheus_client's own updates cost ~1-3 µs each (a lock, and a file write in multiprocess mode): on the
+    per-message path the sink only adds to dicts and per-bucket counts, and ``flush()`` (scheduled once per
+    loop iteration, at once without a running loop, and at ``close()``) hands the sums over. A scrape sees
+    what was recorded up to the last loop iteration.
 
     ``registry``: where the collectors live (default the global REGISTRY). ``namespace``: the name prefix
     (default ``facilitator_client``, as the statsd prefix).
@@ -226,31 +273,65 @@ class PrometheusSink:
             raise ValueError(f"namespace must be a Prometheus name ([a-zA-Z_][a-zA-Z0-9_]*), got {namespace!r}")
         self.registry = registry if registry is not None else REGISTRY
         self._collectors = _collectors(self.registry, namespace)
+        self._counts: dict[str, float] = {}
+        self._gauges: dict[str, float] = {}
+        self._timings: dict[str, _Timings] = {}
+        self._touched: set[_Timings] = set()
         self._incs: dict[str, Callable[[float], None]] = {}
         self._sets: dict[str, Callable[[float], None]] = {}
-        self._observes: dict[str, Callable[[float], None]] = {}
+        self._flush_scheduled = False
 
     # -- the MetricsSink protocol: per-message path --------------------------------------------
     def incr(self, name: str, count: float) -> None:
-        inc = self._incs.get(name)
-        if inc is None:
-            inc = self._incs[name] = self._resolve("counter", name).inc  # type: ignore[union-attr]
-        inc(count)
+        self._counts[name] = self._counts.get(name, 0.0) + count
+        if not self._flush_scheduled:
+            self._schedule()
 
     def gauge(self, name: str, value: float) -> None:
-        set_ = self._sets.get(name)
-        if set_ is None:
-            set_ = self._sets[name] = self._resolve("gauge", name).set  # type: ignore[union-attr]
-        set_(value)
+        self._gauges[name] = value
+        if not self._flush_scheduled:
+            self._schedule()
 
     def timing(self, name: str, seconds: float) -> None:
-        observe = self._observes.get(name)
-        if observe is None:
-            observe = self._observes[name] = self._resolve("histogram", name).observe  # type: ignore[union-attr]
-        observe(seconds)
+        timings = self._timings.get(name)
+        if timings is None:
+            timings = self._timings[name] = _Timings(self._resolve("histogram", name))
+        timings.add(seconds)
+        self._touched.add(timings)
+        if not self._flush_scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a host's thread, tests): hand over at once
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand what was recorded since the last flush to the collectors."""
+        self._flush_scheduled = False
+        counts, self._counts = self._counts, {}
+        for name, count in counts.items():
+            inc = self._incs.get(name)
+            if inc is None:
+                inc = self._incs[name] = self._resolve("counter", name).inc  # type: ignore[union-attr]
+            inc(count)
+        gauges, self._gauges = self._gauges, {}
+        for name, value in gauges.items():
+            set_ = self._sets.get(name)
+            if set_ is None:
+                set_ = self._sets[name] = self._resolve("gauge", name).set  # type: ignore[union-attr]
+            set_(value)
+        touched, self._touched = self._touched, set()
+        for timings in touched:
+            timings.publish()
 
     def close(self) -> None:
-        """Nothing to release: the collectors stay registered (a later scrape still shows the totals)."""
+        """Hand over what is pending; the collectors stay registered (a later scrape still shows the totals)."""
+        self.flush()
 
     # -- first sight of a name ----------------------------------------------------------------
     def _resolve(self, kind: Kind, name: str) -> Collector:
