@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
+from streams.dispatchers import Report
 from streams.integrations.channels import ChannelLayer, redis_channel_layer
-from streams.job_status_update_manager import Report
 from streams.protocol import V2JobRequest
 from tests.channels_peer import JOBS_CHANNEL
 

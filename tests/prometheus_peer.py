@@ -14,9 +14,9 @@ import sys
 import orjson
 
 from streams import FacilitatorClient
+from streams.devtools.simulator import FacilitatorSimulator
+from streams.dispatchers import SimulatedDispatcher
 from streams.integrations.prometheus import PrometheusSink, mark_process_dead
-from streams.job_dispatcher import SimulatedDispatcher
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, fast_config, wait_until
 
 
@@ -26,10 +26,10 @@ async def main(jobs: int) -> None:
         client.metrics.add_sink(PrometheusSink())  # the global REGISTRY, as a validator would
         task = asyncio.create_task(client.start())
         try:
-            await wait_until(lambda: client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: client.is_connected, 5, "connected")
             sent = [await sim.send_job_request() for _ in range(jobs)]
             await sim.wait_for(lambda: all(sim.stored[j["uuid"]][-1] == "completed" for j in sent), 10, "jobs done")
-            await wait_until(lambda: client.messages.current_depth.pending == 0, 5, "every update acknowledged")
+            await wait_until(lambda: client.pending.pending == 0, 5, "every update acknowledged")
         finally:
             await client.stop()
             await task

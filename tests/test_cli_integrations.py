@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("channels_redis", reason="the channels extra is not installed (make test installs it)")
 pytest.importorskip("prometheus_client", reason="the prometheus extra is not installed (make test installs it)")
 
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, FULL_SEQUENCE
 from tests.redis_fixtures import ROOT, RedisServer, free_port
 from tests.test_integrations_channels import Peer, peer

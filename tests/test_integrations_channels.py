@@ -26,6 +26,8 @@ except ImportError as exc:  # pragma: no cover - make test installs the extra
         pytest.skip(f"the channels extra is not installed (make test installs it): {exc}", allow_module_level=True)
     raise
 
+from streams.devtools.simulator import FacilitatorSimulator
+from streams.dispatchers import Report
 from streams.integrations.channels import (
     ChannelLayer,
     ChannelsDispatcher,
@@ -36,9 +38,7 @@ from streams.integrations.channels import (
     redis_channel_layer,
     status_channel,
 )
-from streams.job_status_update_manager import Report
 from streams.protocol import JobStatus, V2JobRequest
-from streams.simulator import FacilitatorSimulator
 from tests.channels_peer import JOBS_CHANNEL, spec_message, status_message
 from tests.helpers import ALICE, FULL_SEQUENCE, fast_config, running_client, wait_until
 from tests.redis_fixtures import ROOT, RedisServer
@@ -168,16 +168,16 @@ async def test_specs_from_a_separate_process_reach_the_facilitator_in_order_acro
     second = FacilitatorSimulator(port=first.port, seed=32)
     try:
         async with running_client(fast_config(first.url), spec_updates=source) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             await peer("specs", redis_server.url, "--first", "0", "--count", "10", "--malformed-after", "5")
             await first.wait_for(lambda: len(first.spec_updates) == 10, 10, "the first 10 spec updates")
             await wait_until(lambda: "message" in operations(run, "SOURCE_FAILED"), 5, "the malformed one reported")
 
             await first.stop()  # the facilitator goes away; the producer keeps sending
-            await wait_until(lambda: not run.client.connection.is_connected, 5, "disconnected")
+            await wait_until(lambda: not run.client.is_connected, 5, "disconnected")
             await peer("specs", redis_server.url, "--first", "10", "--count", "10")
             await wait_until(lambda: source.received == 20, 10, "the next 10 received while disconnected")
-            assert run.client.messages.current_depth.pending == 10, "held in the outbox"
+            assert run.client.pending.pending == 10, "held in the outbox"
             await second.start()  # back, on the same address
             await second.wait_for(lambda: len(second.spec_updates) == 10, 10, "the held spec updates")
     finally:
@@ -199,7 +199,7 @@ async def test_a_channel_layer_outage_is_reported_and_retried(tmp_path: Path) ->
         source = ChannelSpecSource(server.url, ALICE.ss58_address, backoff_base=0.05, backoff_cap=0.2)
         async with FacilitatorSimulator(seed=33) as sim:
             async with running_client(fast_config(sim.url), spec_updates=source) as run:
-                await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+                await wait_until(lambda: run.client.is_connected, 5, "connected")
                 await peer("specs", server.url, "--first", "0", "--count", "3")
                 await sim.wait_for(lambda: len(sim.spec_updates) == 3, 10, "3 spec updates")
                 server.kill()
@@ -207,7 +207,7 @@ async def test_a_channel_layer_outage_is_reported_and_retried(tmp_path: Path) ->
                 server.start()
                 await peer("specs", server.url, "--first", "3", "--count", "3")
                 await sim.wait_for(lambda: len(sim.spec_updates) == 6, 15, "3 more after Redis came back")
-                assert run.client.connection.is_connected, "the outage never touched the facilitator connection"
+                assert run.client.is_connected, "the outage never touched the facilitator connection"
         assert [update["batch_id"] for update in sim.spec_updates] == [f"batch-{i}" for i in range(6)]
         outage = next(e for e in run.events_of("SOURCE_FAILED") if e.data["operation"] == "receive")
         assert outage.data["retry_in"] is not None and outage.data["exception"]
@@ -234,7 +234,7 @@ async def test_100_jobs_statuses_from_a_separate_process_arrive_complete_and_in_
         async with FacilitatorSimulator(seed=seed) as sim:
             config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=0.3, send_timeout=1.0)
             async with running_client(config, dispatcher) as run:
-                await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+                await wait_until(lambda: run.client.is_connected, 5, "connected")
                 env = [{"FAIL": "1"} if i % 10 == 3 else {"BAD": "1"} if i % 25 == 7 else {} for i in range(100)]
                 jobs = [await sim.send_job_request(env=env[i]) for i in range(100)]
                 await wait_until(lambda: run.counters.get("jobs.dispatched", 0) == 100, 10, "every job dispatched")
@@ -244,7 +244,7 @@ async def test_100_jobs_statuses_from_a_separate_process_arrive_complete_and_in_
                     60, "every job finished",
                 )
                 sim.chaos(every=0)
-                await wait_until(lambda: run.client.messages.current_depth.pending == 0, 10, "outbox empty")
+                await wait_until(lambda: run.client.pending.pending == 0, 10, "outbox empty")
                 faults = len(sim.faults)
             await driver.finished()
     finally:
@@ -277,7 +277,7 @@ async def test_the_host_reporting_a_final_status_itself_ends_the_listening(
         async with running_client(fast_config(sim.url), dispatcher) as run:
             job = await sim.send_job_request()
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "rejected", 10, "rejected")
-            await wait_until(lambda: run.client.jobs.active == 0, 5, "the job task ended")
+            await wait_until(lambda: run.client.metrics.gauge_value("jobs.active") == 0, 5, "the job task ended")
     assert sim.stored[job["uuid"]] == ["sent", "received", "rejected"]
 
 

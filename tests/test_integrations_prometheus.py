@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from streams.devtools.simulator import FacilitatorSimulator
 from streams.integrations.prometheus import METRICS, MetricSpec, PrometheusSink, serve_metrics
 from streams.metrics import Metrics
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import fast_config, running_client, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,11 +94,11 @@ async def test_a_scrape_after_a_scripted_session_shows_the_series_and_values(sim
         assert value(before, "connect_attempts_total") == 0, "unlabelled series exist from the start"
         async with running_client(fast_config(sim.url)) as run:
             run.client.metrics.add_sink(sink)  # after start: what was counted is handed over
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             jobs = [await sim.send_job_request() for _ in range(3)]
             await sim.send_raw("not json")
             await sim.wait_for(lambda: all(sim.stored[j["uuid"]][-1] == "completed" for j in jobs), 10, "jobs done")
-            await wait_until(lambda: run.client.messages.current_depth.pending == 0, 5, "every update acknowledged")
+            await wait_until(lambda: run.client.pending.pending == 0, 5, "every update acknowledged")
             live = await asyncio.to_thread(scrape, server.url)
             assert value(live, "connected") == 1
         snapshot = run.client.metrics.snapshot()

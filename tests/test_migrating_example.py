@@ -18,7 +18,7 @@ pytest.importorskip("prometheus_client", reason="the prometheus extra is not ins
 
 from prometheus_client import generate_latest
 
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, FULL_SEQUENCE, fast_config
 from tests.redis_fixtures import ROOT, RedisServer, free_port
 from tests.test_integrations_channels import Peer, peer

@@ -25,9 +25,9 @@ from typing import Any
 from bittensor_wallet import Keypair
 
 from streams import ClientConfig, FacilitatorClient, SystemEvent
+from streams.dispatchers import Report
 from streams.integrations.channels import ChannelLayer, ChannelsDispatcher, ChannelSpecSource, redis_channel_layer
 from streams.integrations.prometheus import PrometheusSink, mark_process_dead, serve_metrics
-from streams.job_status_update_manager import Report
 from streams.protocol import JobStatus, V0JobCheated, V2JobRequest
 
 log = logging.getLogger("facilitator")

@@ -38,8 +38,8 @@ import reactivex
 from pydantic import ValidationError
 
 from operators import Backoff
-from streams.job_dispatcher import Dispatcher, Handler, as_dispatcher
-from streams.job_status_update_manager import Metadata, Report
+from streams.dispatchers import Dispatcher, Handler, Metadata, Report, as_dispatcher
+from streams.exceptions import DispatcherError
 from streams.protocol import JobStatus, JobStatusUpdate, V0MachineSpecsUpdate, V2JobRequest, json_kind
 from streams.safe_subject import SafeSubject
 
@@ -77,8 +77,8 @@ class ChannelLayer(Protocol):
     async def receive(self, channel: str) -> dict[str, Any]: ...
 
 
-class ChannelFailure(Exception):
-    """What ``failures`` emits. ``operation``:
+class ChannelFailure(DispatcherError):
+    """What ``failures`` emits (a DispatcherError: the client reports it as an event). ``operation``:
 
     - ``receive``: the channel layer was unreachable (retried after ``retry_in`` s);
     - ``message``: a message that is not a spec update / status update (skipped);
@@ -89,12 +89,9 @@ class ChannelFailure(Exception):
     def __init__(
         self, operation: str, channel: str, error: BaseException, attempt: int = 1, retry_in: float | None = None
     ) -> None:
-        self.operation = operation
+        super().__init__(operation, error, attempt, retry_in)
         self.channel = channel
-        self.error = error
-        self.attempt = attempt
-        self.retry_in = retry_in
-        super().__init__(f"{operation} on {channel}: {error}")
+        self.args = (f"{operation} on {channel}: {type(error).__name__}: {error}",)
 
 
 class MetadataRejected(ValueError):
