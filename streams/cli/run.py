@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from streams.cli import integrations
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.config import ClientConfig
 from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
@@ -30,7 +31,8 @@ def register(sub: Any) -> dict[str, Command]:
     keys.add_argument("--wallet-name")
     keys.add_argument("--wallet-hotkey")
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
-    run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
+    run.add_argument("--dispatcher", default="simulated",
+                     help="`simulated`, `celery`, MODULE:ATTR, or channels:MODULE:ATTR")
     run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
     run.add_argument("--heartbeat-period", type=positive, default=60.0)
     run.add_argument("--ping-interval", type=positive, default=20.0)
@@ -44,6 +46,7 @@ def register(sub: Any) -> dict[str, Command]:
     from streams.cli import worker
 
     worker.add_run_flags(run)
+    integrations.add_run_flags(run)
     return {"run": _run}
 
 
@@ -137,7 +140,11 @@ async def _run(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     signer = load_signer(args)
-    dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
+    plumbing = integrations.Plumbing(args)
+    if args.dispatcher.startswith(integrations.CHANNELS_DISPATCHER):
+        dispatcher = plumbing.dispatcher(args.dispatcher, lambda spec: load_dispatcher(spec, args.step_delay))
+    else:
+        dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
     transport = None
     recorder = None
     if args.record:
@@ -147,14 +154,18 @@ async def _run(args: argparse.Namespace) -> None:
             recorder, transport = open_recorder(args.record, config)
         except RecordingError as exc:
             raise CliError(f"--record: {exc}") from None
-    client = FacilitatorClient(config, signer=signer, dispatcher=dispatcher, transport=transport)
+    client = FacilitatorClient(
+        config, signer=signer, dispatcher=dispatcher, transport=transport, spec_updates=plumbing.spec_source(signer)
+    )
     events = EventFile(args.events) if args.events else None
     if events is not None:
         client.events.subscribe(events.write)
     client.events.subscribe(lambda event: log.info("%s %s: %s", event.type, event.subtype, event.description))
     try:
+        plumbing.attach(client)
         await run_until_signalled(client.start)
     finally:
+        await plumbing.aclose()
         if events is not None:
             events.close()
         if recorder is not None:
