@@ -307,3 +307,37 @@ async def test_bad_metadata_is_dropped_a_driver_received_is_skipped_and_silence_
     assert horde["reason"] == "unhandled_timeout" and "no status on job_status_updates__" in horde["message"]
     assert sorted(operations(run, "DISPATCHER_FAILED")) == ["metadata", "timeout"]
     assert run.counters["dispatcher.failures.metadata"] == 1 and run.counters["dispatcher.failures.timeout"] == 1
+
+
+async def test_a_channel_layer_outage_while_a_job_runs_is_reported_and_its_statuses_still_arrive(
+    tmp_path: Path,
+) -> None:
+    with RedisServer(tmp_path) as server:
+        handed_over: asyncio.Queue[str] = asyncio.Queue()
+
+        async def route_job(job: V2JobRequest, report: Report) -> None:
+            handed_over.put_nowait(job.uuid)
+
+        dispatcher = ChannelsDispatcher(route_job, server.url, backoff_base=0.05, backoff_cap=0.2)
+        async with FacilitatorSimulator(seed=36) as sim:
+            async with running_client(fast_config(sim.url), dispatcher) as run:
+                job = await sim.send_job_request()
+                job_uuid = await asyncio.wait_for(handed_over.get(), 10)
+                before = redis_channel_layer(server.url)
+                await before.send(status_channel(job_uuid), status_message(job_uuid, "accepted"))
+                await before.close_pools()  # type: ignore[attr-defined]
+                await sim.wait_for(lambda: sim.stored[job_uuid][-1] == "accepted", 10, "accepted")
+                server.kill()
+                await wait_until(lambda: "receive" in operations(run, "DISPATCHER_FAILED"), 15, "the outage reported")
+                server.start()
+                after = redis_channel_layer(server.url)
+                for status in ("executor_ready", "volumes_ready", "execution_done"):
+                    await after.send(status_channel(job_uuid), status_message(job_uuid, status))
+                await after.send(status_channel(job_uuid), status_message(job_uuid, "completed", {
+                    "miner_response": {"docker_process_stdout": "ok", "docker_process_stderr": ""}}))
+                await after.close_pools()  # type: ignore[attr-defined]
+                await sim.wait_for(lambda: sim.stored[job_uuid][-1] == "completed", 15, "the job completed")
+        assert sim.stored[job["uuid"]] == DONE
+        outage = next(e for e in run.events_of("DISPATCHER_FAILED") if e.data["operation"] == "receive")
+        assert outage.data["retry_in"] is not None
+        assert dispatcher.forwarded == 5
