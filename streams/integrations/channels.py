@@ -358,6 +358,8 @@ class ChannelsDispatcher:
 
     ``idle_timeout``: seconds without a status after which the job is given up (``horde_failed``,
     ``unhandled_timeout``); None (default) waits as long as the driver takes, like the validator did.
+    Each job waiting for a status holds one Redis connection (a blocking receive), as the legacy client
+    did: ``ClientConfig.max_concurrent_jobs`` bounds them.
     """
 
     def __init__(
