@@ -161,6 +161,7 @@ class FacilitatorClient:
         )
         self._statuses = JobStatusUpdateManager()
         self._specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
+        self._spec_source = spec_updates
         self._verifier = (
             SignatureVerifier(
                 own_hotkey=signer.public_key,
@@ -304,6 +305,7 @@ class FacilitatorClient:
             cheats=self._cheats,
             cheat_reports=cheat_reports,
         )
+        self._monitor.watch_source(self._spec_source)  # e.g. the channel layer's: outages, malformed messages
         dispatcher = self._jobs.dispatcher
         if isinstance(dispatcher, FeedingDispatcher):  # e.g. Celery: statuses come back from workers
             dispatcher.bind(_StatusFeed(self._statuses, messages.acks))

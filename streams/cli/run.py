@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from streams.cli import integrations
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.cli.journal import add_run_arguments as add_journal_arguments
 from streams.cli.journal import journal_path_for
@@ -24,7 +25,7 @@ __all__ = ["EventFile", "load_dispatcher", "load_signer", "load_trusted_signers"
 
 log = logging.getLogger("streams")
 
-DISPATCHER_CHOICES = "`celery`, MODULE:ATTR (your own) or `simulated`"
+DISPATCHER_CHOICES = "`celery`, MODULE:ATTR (your own), channels:MODULE:ATTR or `simulated`"
 
 
 def register(sub: Any) -> dict[str, Command]:
@@ -62,6 +63,7 @@ def register(sub: Any) -> dict[str, Command]:
 
     worker.add_run_flags(run)
     add_journal_arguments(run)
+    integrations.add_run_flags(run)
     return {"run": _run}
 
 
@@ -192,7 +194,11 @@ async def _run(args: argparse.Namespace) -> None:
         config = config.replace(journal_path=journal_path_for(args, signer.ss58_address))
     except JournalError as exc:
         raise CliError(str(exc)) from None
-    dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
+    plumbing = integrations.Plumbing(args)
+    if args.dispatcher.startswith(integrations.CHANNELS_DISPATCHER):
+        dispatcher = plumbing.dispatcher(args.dispatcher, lambda spec: load_dispatcher(spec, args.step_delay))
+    else:
+        dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
     transport = None
     recorder = None
     if args.record:
@@ -202,16 +208,20 @@ async def _run(args: argparse.Namespace) -> None:
             recorder, transport = open_recorder(args.record, config)
         except RecordingError as exc:
             raise CliError(f"--record: {exc}") from None
-    client = FacilitatorClient(config, signer=signer, dispatcher=dispatcher, transport=transport)
+    client = FacilitatorClient(
+        config, signer=signer, dispatcher=dispatcher, transport=transport, spec_updates=plumbing.spec_source(signer)
+    )
     events = EventFile(args.events) if args.events else None
     if events is not None:
         client.events.subscribe(events.write)
     client.events.subscribe(lambda event: log.info("%s %s: %s", event.type, event.subtype, event.description))
     try:
+        plumbing.attach(client)
         await run_until_signalled(client.start)
     except JournalError as exc:  # not a journal, corrupt, newer, another hotkey's, locked: refused at start
         raise CliError(str(exc)) from None
     finally:
+        await plumbing.aclose()
         if events is not None:
             events.close()
         if recorder is not None:
