@@ -66,7 +66,7 @@ LOCAL = ["--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice"]
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", *LOCAL], "--dispatcher is required: `celery`, MODULE:ATTR (your own) or `simulated`"),
+        (["run", *LOCAL], "--dispatcher is required: `celery`, MODULE:ATTR (your own), channels:MODULE:ATTR or `simulated`"),
         ([*RUN, *LOCAL, "--trusted-signer", "5Fnot"], "--trusted-signer: '5Fnot' is not a valid ss58 address"),
         ([*RUN, *LOCAL, "--trusted-signers-file", "/nonexistent"], "cannot read --trusted-signers-file /nonexistent"),
         ([*RUN, "--url", "http://example.com", "--hotkey-uri", "//Alice"], "ws:// or wss://"),
