@@ -109,6 +109,9 @@ class FakeConnection:
         return self._state.value is ConnectionState.CONNECTED
 
     def up(self) -> None:
+        """A new authenticated connection, through the states the real ConnectionManager passes."""
+        self._state.on_next(ConnectionState.CONNECTING)
+        self._state.on_next(ConnectionState.AUTHENTICATING)
         self.connection_id += 1
         self.dying = False
         self._state.on_next(ConnectionState.CONNECTED)
@@ -211,12 +214,13 @@ async def running(**overrides: Any) -> AsyncIterator[Outbox]:
 
 async def test_frames_go_out_heartbeat_first_then_in_arrival_order_on_the_current_connection() -> None:
     async with running() as box:
+        box.clock.now = 5.0
         box.connection.up()
         box.enqueue(spec(1), status(1), V0Heartbeat(), spec(2))
         await wait_until(lambda: len(box.connection.written) == 4, WAIT, "four frames")
         assert box.connection.labels(1) == ["hb", "spec1", "status1", "spec2"]
-        assert [(label(s.envelope.frame), s.connection_id, s.resend) for s in box.sent] == [
-            ("hb", 1, False), ("spec1", 1, False), ("status1", 1, False), ("spec2", 1, False)
+        assert [(label(s.envelope.frame), s.connection_id, s.resend, s.at) for s in box.sent] == [
+            ("hb", 1, False, 5.0), ("spec1", 1, False, 5.0), ("status1", 1, False, 5.0), ("spec2", 1, False, 5.0)
         ]
         assert box.messages.current_depth == Depth(held=0, held_bytes=0, wire=0, in_flight=1)
 
@@ -236,9 +240,9 @@ async def test_a_source_added_before_start_is_sent_and_one_added_after_is_refuse
     source: Subject[OutboundMessage] = Subject()
     box.messages.add_source(source)
     box.messages.start()
-    with pytest.raises(RuntimeError, match=r"add_source\(\) must be called before start\(\)"):
+    with pytest.raises(RuntimeError, match=r"^add_source\(\) must be called before start\(\)$"):
         box.messages.add_source(Subject())
-    with pytest.raises(RuntimeError, match="already started"):
+    with pytest.raises(RuntimeError, match=r"^MessageManager already started$"):
         box.messages.start()
     task = asyncio.create_task(box.messages.run())
     try:
@@ -269,6 +273,8 @@ def test_envelope_of_encodes_once_and_refuses_what_the_outbox_does_not_carry() -
     )
     assert envelope.expects_ack and label(envelope.frame) == "status3"
     assert not envelope_of(spec(1), 0.0).expects_ack and envelope_of(spec(1), 0.0).status is None
+    # The status text is the enum's own string, shared by every envelope (not a copy per message).
+    assert envelope.status is JobStatus.ACCEPTED.value is envelope_of(status(4, JobStatus.ACCEPTED), 0.0).status
     auth = V0AuthenticationRequest(public_key="00", signature="0x00")
     with pytest.raises(ValueError, match="V0AuthenticationRequest is not sent through the outbox"):
         envelope_of(auth, 0.0)
@@ -291,7 +297,8 @@ async def test_a_spec_update_whose_write_fails_on_a_dying_connection_is_sent_on_
         await wait_until(lambda: len(box.connection.labels(2)) == 2, WAIT, "both specs on connection 2")
         assert box.connection.labels(2) == ["spec1", "spec2"]
         assert box.connection.tried(1) == ["spec1"]  # nothing more was tried on the broken connection
-        assert [s.resend for s in box.sent] == [False, False]  # a failed write is not a send
+        # a failed write is not a send
+        assert [(s.resend, s.envelope.sends) for s in box.sent] == [(False, 1), (False, 1)]
         assert box.dropped == []
 
 
@@ -447,6 +454,8 @@ async def test_drain_waits_for_a_pending_heartbeat() -> None:
     [
         # closes when the wire queue is full (4), reopens below half (2): batches of 3
         (4, 10, [(3, 6), (2, 6), (1, 6), (3, 3), (2, 3), (1, 3), (3, 0), (2, 0), (1, 0), (0, 0)]),
+        # size 3: half is 1 (rounded down): reopens once the wire queue is empty
+        (3, 6, [(2, 3), (1, 3), (0, 3), (2, 0), (1, 0), (0, 0)]),
         # size 2: reopens only once the wire queue is empty (half of 2 is 1: below 1)
         (2, 6, [(1, 4), (0, 4), (1, 2), (0, 2), (1, 0), (0, 0)]),
         # size 1: one frame at a time
