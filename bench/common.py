@@ -56,7 +56,7 @@ def frames_of(updates: list[tuple[str, JobStatus]]) -> list[str]:
 
 def enqueue(client: FacilitatorClient, updates: list[tuple[str, JobStatus]]) -> None:
     """Report every update through the public path (one status stream per job)."""
-    open_ = client.statuses.open
+    open_ = client._statuses.open
     reporters: dict[str, Callable[..., bool]] = {}
     for job, status in updates:
         report = reporters.get(job)

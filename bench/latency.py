@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from bench.common import SimProcess, quantile, running_client, workload
-from streams.job_status_update_manager import Report
+from streams.dispatchers import Report
 from streams.message_manager import Sent
 
 
@@ -48,7 +48,7 @@ async def latency_run(rate: float, seconds: float, warmup: int = 500) -> Latency
 
     async with SimProcess("--accept-unknown-jobs") as sim:
         async with running_client(sim.url, "bench-latency-client") as client:
-            client.messages.sent.subscribe(on_sent)
+            client._messages.sent.subscribe(on_sent)
             reporters: dict[str, Report] = {}
             begin = clock()
             first_counted = 0.0
@@ -61,7 +61,7 @@ async def latency_run(rate: float, seconds: float, warmup: int = 500) -> Latency
                     first_counted = clock()
                 report = reporters.get(job)
                 if report is None:
-                    report = reporters[job] = client.statuses.open(job)
+                    report = reporters[job] = client._statuses.open(job)
                 started[(job, status.value)] = (i, clock())
                 report(status)
             elapsed = clock() - first_counted

@@ -59,7 +59,7 @@ async def measure(mode: str, count: int) -> dict[str, float]:
         else:
             before = rss_bytes()
         jobs = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(count // len(STATUSES))]
-        reporters = [client.statuses.open(job) for job in jobs]
+        reporters = [client._statuses.open(job) for job in jobs]
         for status in STATUSES:
             for report in reporters:
                 report(status)
@@ -68,7 +68,7 @@ async def measure(mode: str, count: int) -> dict[str, float]:
         after = tracemalloc.get_traced_memory()[0] if mode == "tracemalloc" else rss_bytes()
         if mode == "tracemalloc":
             tracemalloc.stop()
-        depth = client.messages.current_depth
+        depth = client.pending
         assert depth.held == count, depth
         dropped = client.metrics.counter("messages.dropped.V0JobStatusUpdate")
         assert dropped == 0, dropped

@@ -41,10 +41,10 @@ async def recovery_run(count: int) -> Recovery:
             await sim.command("down")
             await until_state(client, ConnectionState.DISCONNECTED)
             enqueue(client, updates)
-            depth = client.messages.current_depth
+            depth = client.pending
             assert depth.held + depth.wire == count, depth
             acks = Counter()
-            client.messages.acks.subscribe(acks)
+            client._messages.acks.subscribe(acks)
             reconnected = asyncio.create_task(until_connected(client, timeout=30), name="bench-recovery-reconnect")
             await sim.command("up")
             t0 = time.perf_counter()

@@ -27,7 +27,8 @@ from typing import Any
 import orjson
 
 from bench.common import ROOT, STATUSES, SimProcess
-from streams.job_status_update_manager import JobStatusUpdateManager, Report
+from streams.dispatchers import Report
+from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.protocol import V2JobRequest
 
 QUEUE_ENV = "BENCH_SHUTDOWN_QUEUE"

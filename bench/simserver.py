@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from streams.simulator import FacilitatorSimulator, _Conn
+from streams.devtools.simulator import FacilitatorSimulator, _Conn
 
 
 class BenchSimulator(FacilitatorSimulator):

@@ -87,7 +87,7 @@ async def client_run(count: int, **config: Any) -> Run:
     async with SimProcess("--accept-unknown-jobs") as sim:
         async with running_client(sim.url, "bench-client", **config) as client:
             acks = Counter()
-            client.messages.acks.subscribe(acks)
+            client._messages.acks.subscribe(acks)
             sim_cpu0 = (await sim.command("stats"))["cpu"]
             cpu0, t0 = time.process_time(), time.perf_counter()
             enqueue(client, updates)

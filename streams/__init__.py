@@ -1,11 +1,27 @@
-"""facilitator-streams: keep a validator connected to its facilitator, as a reactive pipeline."""
+"""facilitator-streams: keep a validator connected to its facilitator, as a reactive pipeline.
+
+The public surface a validator imports::
+
+    from streams import FacilitatorClient, ClientConfig, SystemEvent
+    from streams.protocol import V0MachineSpecsUpdate, JobStatus, V2JobRequest, V0JobCheated, ...
+
+Everything else is reachable from its own subpackage: :mod:`streams.transport`,
+:mod:`streams.dispatchers`, :mod:`streams.recording`, :mod:`streams.devtools` (simulator, demo,
+replay) and :mod:`streams.exceptions`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from streams.client import FacilitatorClient
-from streams.config import ClientConfig, ConfigError
+from streams.config import ClientConfig
+from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
 from streams.events import ConnectionState, EventType, SystemEvent
-from streams.job_dispatcher import CallbackDispatcher, Dispatcher, JobDispatcher, SimulatedDispatcher
+from streams.exceptions import ConfigError, StreamsError, UsageError
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("facilitator-streams")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CallbackDispatcher",
@@ -15,8 +31,9 @@ __all__ = [
     "Dispatcher",
     "EventType",
     "FacilitatorClient",
-    "JobDispatcher",
     "SimulatedDispatcher",
+    "StreamsError",
     "SystemEvent",
+    "UsageError",
     "__version__",
 ]

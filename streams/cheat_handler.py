@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import reactivex
 from reactivex.subject import Subject
 
+from streams.lifecycle import TaskOwner
 from streams.protocol import V0JobCheated
-from streams.tasks import TaskOwner
+
+__all__ = ["CheatHandler", "CheatHandlerFailure", "CheatReportHandler"]
 
 CheatHandler = Callable[[V0JobCheated], Awaitable[None]]
 
@@ -42,6 +44,9 @@ class CheatReportHandler:
             await handler(report)
         except Exception as exc:
             self._failures.on_next(CheatHandlerFailure(report, exc))
+
+    async def start(self) -> None:
+        """Nothing to start: reports arrive through ``submit``."""
 
     async def stop(self) -> None:
         await self._tasks.aclose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from types import TracebackType
 from typing import Any
@@ -23,28 +24,33 @@ from operators import Decoded, Malformed, decode_frames, partition_by
 from streams.cheat_handler import CheatHandler, CheatReportHandler
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
+from streams.dispatchers.base import Dispatcher, FeedingDispatcher, Handler, Metadata, StatusAck
 from streams.events import ConnectionState, EventType, SystemEvent
+from streams.exceptions import UsageError
 from streams.heartbeat_manager import HeartbeatManager
-from streams.job_dispatcher import Dispatcher, Handler, JobDispatcher
+from streams.job_dispatcher import JobDispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
-from streams.message_manager import MessageManager
+from streams.lifecycle import Component
+from streams.message_manager import AckOutcome, Depth, MessageManager
 from streams.metrics import Metrics
 from streams.performance_monitor import PerformanceMonitor
-from streams.protocol import (
-    InboundMessage,
-    Response,
-    Signer,
-    V0JobCheated,
-    V0MachineSpecsUpdate,
-    V2JobRequest,
-    decode,
-)
+from streams.protocol import InboundMessage, JobStatus, Signer, V0MachineSpecsUpdate, decode, message_kind
 from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
+
+__all__ = ["INBOUND_ROUTES", "FacilitatorClient", "inbound_route"]
 
 log = logging.getLogger(__name__)
 
 Inbound = Decoded[InboundMessage] | Malformed
+
+INBOUND_ROUTES = ("Response", "V2JobRequest", "V0JobCheated", "malformed")
+"""The branches inbound frames are partitioned into (replay's analysis uses the same routes)."""
+
+
+def inbound_route(item: Inbound) -> str:
+    """The branch of a decoded inbound frame: its message kind, or ``malformed``."""
+    return "malformed" if isinstance(item, Malformed) else message_kind(item.message)
 
 
 class _Phase(enum.Enum):
@@ -54,18 +60,61 @@ class _Phase(enum.Enum):
     STOPPED = "stopped"
 
 
-def _route(item: Inbound) -> str:
-    if isinstance(item, Malformed):
-        return "malformed"
-    message = item.message
-    if isinstance(message, Response):
-        return "response"
-    if isinstance(message, V2JobRequest):
-        return "job"
-    return "cheat"
+class _StatusFeed:
+    """What a FeedingDispatcher (e.g. Celery) gets: report any job's status, learn when it was answered."""
+
+    def __init__(self, statuses: JobStatusUpdateManager, acks: reactivex.Observable[AckOutcome]) -> None:
+        self._statuses = statuses
+        self._acks: reactivex.Observable[StatusAck] = acks.pipe(ops.filter(_is_status_ack), ops.map(_status_ack))
+
+    def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> bool:
+        if not self._statuses.is_open(job_uuid):
+            self._statuses.open(job_uuid)
+        return self._statuses.report(job_uuid, status, metadata)
+
+    def release(self, job_uuid: str) -> None:
+        self._statuses.stop_listener(job_uuid)
+
+    @property
+    def acks(self) -> reactivex.Observable[StatusAck]:
+        return self._acks
+
+
+def _is_status_ack(outcome: AckOutcome) -> bool:
+    return outcome.envelope.job_uuid is not None and outcome.envelope.status is not None
+
+
+def _status_ack(outcome: AckOutcome) -> StatusAck:
+    envelope = outcome.envelope
+    assert envelope.job_uuid is not None and envelope.status is not None
+    return StatusAck(envelope.job_uuid, envelope.status, outcome.outcome)  # type: ignore[arg-type]
 
 
 class FacilitatorClient:
+    """Keeps a validator connected to its facilitator until ``stop()`` or cancellation.
+
+    Heartbeats, spec updates and job statuses are merged into one ordered outbound stream that is
+    held while disconnected and resent (unacknowledged status updates first) after each reconnect;
+    inbound frames are decoded and partitioned into job requests (to ``dispatcher``), cheat
+    reports (to ``on_cheat``) and Responses (acknowledgements). ``events``, ``state`` and
+    ``metrics`` say what happens. Every timing and bound is a field of :class:`ClientConfig`.
+
+    Args:
+        config: where to connect and every timing/bound (see :class:`ClientConfig`).
+        signer: the validator's hotkey: ``.public_key`` (bytes) and ``.sign(bytes) -> bytes``;
+            ``bittensor_wallet.Keypair`` fits.
+        dispatcher: runs each job: a :class:`~streams.dispatchers.Dispatcher` (``async handle(job,
+            report)``) or such an ``async def`` function.
+        on_cheat: ``async def on_cheat(report: V0JobCheated)``; None ignores cheat reports.
+        spec_updates: an Observable or async iterable of ``V0MachineSpecsUpdate`` (optional; the
+            host can also call :meth:`publish_specs`).
+        transport: a custom :class:`~streams.transport.Transport` (tests, recording); default a
+            WebSocketTransport built from ``config``.
+
+    Raises :class:`~streams.exceptions.UsageError` (a RuntimeError) on misuse: ``start()`` twice,
+    ``publish_specs()`` after ``stop()``.
+    """
+
     def __init__(
         self,
         config: ClientConfig,
@@ -80,80 +129,81 @@ class FacilitatorClient:
             raise TypeError(f"config must be a ClientConfig, got {type(config).__name__}")
         if not isinstance(getattr(signer, "public_key", None), bytes) or not callable(getattr(signer, "sign", None)):
             raise TypeError("signer needs .public_key (bytes) and .sign(bytes) -> bytes, like bittensor_wallet.Keypair")
-        self.config = config
+        self._config = config
         self._transport = transport or WebSocketTransport.from_config(config)
-        self.metrics = Metrics(config.statsd_host, config.statsd_port, config.statsd_prefix)
-        self.monitor = PerformanceMonitor(self.metrics)
-        self.connection = ConnectionManager(config, signer, self._transport)
-        self.statuses = JobStatusUpdateManager()
-        self.specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
-        self.jobs = JobDispatcher(
-            dispatcher, self.statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window
+        self._metrics = Metrics(config.statsd_host, config.statsd_port, config.statsd_prefix)
+        self._monitor = PerformanceMonitor(self._metrics)
+        self._connection = ConnectionManager(
+            config, signer, self._transport, on_subscriber_error=self._monitor.subscriber_failed("state")
         )
-        self.cheats = CheatReportHandler(on_cheat)
+        self._statuses = JobStatusUpdateManager()
+        self._specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
+        self._jobs = JobDispatcher(
+            dispatcher, self._statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window
+        )
+        self._cheats = CheatReportHandler(on_cheat)
         self._phase = _Phase.NEW
-        self._ever_started = False
         self._stop_requested = asyncio.Event()
         self._done = asyncio.Event()
         self._background: asyncio.Task[None] | None = None
         self._messages: MessageManager | None = None
-        self._heartbeats: HeartbeatManager | None = None
 
     # -- public surface -------------------------------------------------------------------------
     @property
+    def config(self) -> ClientConfig:
+        return self._config
+
+    @property
     def events(self) -> reactivex.Observable[SystemEvent]:
-        return self.monitor.events
+        """Every SystemEvent (connects, disconnects with their cause, drops, failures), as it happens."""
+        return self._monitor.events
 
     @property
     def state(self) -> reactivex.Observable[ConnectionState]:
-        return self.connection.state
+        """The connection state; the current one is delivered on subscribe."""
+        return self._connection.state
 
     @property
-    def messages(self) -> MessageManager:
-        if self._messages is None:
-            raise RuntimeError("the MessageManager exists once start() has been called")
-        return self._messages
+    def metrics(self) -> Metrics:
+        """In-memory counters, gauges and timings (``metrics.snapshot()``), also sent to statsd if configured."""
+        return self._metrics
+
+    @property
+    def is_connected(self) -> bool:
+        """True while an authenticated connection is up."""
+        return self._connection.is_connected
+
+    @property
+    def pending(self) -> Depth:
+        """What the outbox holds now: ``held`` (and ``held_bytes``), ``wire`` (queued to send), ``in_flight``."""
+        return self._messages.current_depth if self._messages is not None else Depth(0, 0, 0, 0)
 
     def publish_specs(self, update: V0MachineSpecsUpdate) -> None:
+        """Queue a machine-spec update (sent once, in order; kept while disconnected)."""
         if self._phase in (_Phase.STOPPING, _Phase.STOPPED):
-            raise RuntimeError("publish_specs() called after the client was stopped")
-        self.specs.publish(update)
+            raise UsageError("publish_specs() called after the client was stopped")
+        self._specs.publish(update)
 
     async def start(self) -> None:
-        """Run until ``stop()`` or cancellation; teardown always runs (in ``finally``)."""
-        if self._phase is _Phase.STOPPED and not self._ever_started:
+        """Run until ``stop()`` or cancellation; the teardown always runs (in ``finally``).
+
+        Components start in dependency order, each registering its ``stop()`` as it goes, so the
+        teardown stops them in reverse: the connection first (after the outbox was drained), the
+        monitor last (so the teardown's own events are still reported).
+        """
+        if self._phase is _Phase.STOPPED and self._messages is None:
             return  # stop() came before start() ran: nothing to do
         if self._phase is not _Phase.NEW:
-            raise RuntimeError(
-                f"FacilitatorClient.start() can be called once; this client is {self._phase.value}"
-            )
+            raise UsageError(f"FacilitatorClient.start() can be called once; this client is {self._phase.value}")
         self._phase = _Phase.RUNNING
-        self._ever_started = True
-        cancelled = True
-        tasks: list[asyncio.Task[None]] = []
         try:
-            self._wire(AsyncIOScheduler(asyncio.get_running_loop()))
-            await self.jobs.start()
-            tasks = [
-                asyncio.create_task(self.connection.run(), name="facilitator-connection"),
-                asyncio.create_task(self.messages.run(), name="facilitator-send-loop"),
-            ]
-            stop_waiter = asyncio.create_task(self._stop_requested.wait(), name="facilitator-stop-waiter")
-            try:
-                done, _ = await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop_waiter.cancel()
-            for task in done:
-                if task is not stop_waiter and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-            cancelled = False
+            async with contextlib.AsyncExitStack() as stack:
+                await self._start_components(stack)
+                await self._run_until_stopped()
+                await self._drain(self._config.drain_timeout)  # stop(): drain while still connected
         finally:
-            drain = self.config.cancel_drain_timeout if cancelled else self.config.drain_timeout
-            try:
-                await self._teardown(tasks, drain, close_timeout=0.5 if cancelled else self.config.close_timeout)
-            finally:
-                self._phase = _Phase.STOPPED
-                self._done.set()
+            self._phase = _Phase.STOPPED
+            self._done.set()
 
     async def stop(self) -> None:
         """Ask a running client to stop and wait for its teardown. Idempotent."""
@@ -177,70 +227,76 @@ class FacilitatorClient:
             await self._background
 
     # -- wiring ---------------------------------------------------------------------------------
-    def _wire(self, scheduler: AsyncIOScheduler) -> None:
+    async def _start_components(self, stack: contextlib.AsyncExitStack) -> None:
+        scheduler = AsyncIOScheduler(asyncio.get_running_loop())
+        max_bytes = self._config.max_frame_bytes
         inbound = partition_by(
-            self.connection.frames.pipe(decode_frames(decode)),
-            _route,
-            ("response", "job", "cheat", "malformed"),
+            self._connection.frames.pipe(decode_frames(functools.partial(decode, max_bytes=max_bytes))),
+            inbound_route,
+            INBOUND_ROUTES,
         )
-        responses: reactivex.Observable[Response] = inbound["response"].pipe(ops.map(_message))
-        cheat_reports: reactivex.Observable[V0JobCheated] = inbound["cheat"].pipe(ops.map(_message))
-        self._messages = MessageManager(self.config, self.connection, responses)
-        self._heartbeats = HeartbeatManager(self.config.heartbeat_period, self.connection.state, scheduler)
-        self.messages.add_source(self._heartbeats.heartbeats)
-        self.messages.add_source(self.specs.updates)
-        self.messages.add_source(self.statuses.updates)
-        self.monitor.watch(
-            connection=self.connection,
-            messages=self.messages,
+        responses = inbound["Response"].pipe(ops.map(_message))
+        cheat_reports = inbound["V0JobCheated"].pipe(ops.map(_message))
+        messages = self._messages = MessageManager(self._config, self._connection, responses)
+        heartbeats = HeartbeatManager(self._config.heartbeat_period, self._connection.state, scheduler)
+        messages.add_source(heartbeats.heartbeats)
+        messages.add_source(self._specs.updates)
+        messages.add_source(self._statuses.updates)
+        self._monitor.watch(
+            connection=self._connection,
+            messages=messages,
             inbound=inbound.branches.values(),
-            jobs=self.jobs,
-            cheats=self.cheats,
+            jobs=self._jobs,
+            cheats=self._cheats,
             cheat_reports=cheat_reports,
         )
-        self.messages.start()
-        self.statuses.start()
-        bind = getattr(self.jobs.dispatcher, "bind", None)
-        if bind is not None:  # e.g. the Celery dispatcher feeds statuses and needs their acks
-            bind(self.statuses, self.messages.acks)
-        inbound["job"].pipe(ops.map(_message)).subscribe(self.jobs.submit)
-        cheat_reports.subscribe(self.cheats.submit)
-        self.specs.start()
+        dispatcher = self._jobs.dispatcher
+        if isinstance(dispatcher, FeedingDispatcher):  # e.g. Celery: statuses come back from workers
+            dispatcher.bind(_StatusFeed(self._statuses, messages.acks))
+        components: tuple[Component, ...] = (
+            self._monitor, messages, self._statuses, heartbeats, self._specs, self._cheats, self._jobs,
+        )
+        for component in components:
+            stack.push_async_callback(component.stop)
+            await component.start()
+        inbound["V2JobRequest"].pipe(ops.map(_message)).subscribe(self._jobs.submit)
+        cheat_reports.subscribe(self._cheats.submit)
         inbound.connect()
+        stack.push_async_callback(self._stop_connection)
+        stack.callback(self._jobs.stop_accepting)  # unwound first: no new job once stopping
+        await self._connection.start()
 
-    async def _teardown(self, tasks: list[asyncio.Task[None]], drain: float, close_timeout: float) -> None:
-        self._phase = _Phase.STOPPING
-        self.jobs.stop_accepting()
-        if self._messages is not None and self.connection.is_connected and drain > 0:
-            drained = await self._messages.drain(drain)
-            if not drained:
-                log.warning("stopping with %d messages still pending", self._messages.current_depth.pending)
-        await self.jobs.stop()
-        await self.cheats.stop()
-        await self.specs.stop()
-        if self._heartbeats is not None:
-            self._heartbeats.stop()
-        self.statuses.stop()
+    async def _run_until_stopped(self) -> None:
+        """Wait for stop(); a component loop that fails ends the client with its exception."""
+        loops = [task for task in (self._connection.task, self._messages.task if self._messages else None) if task]
+        stop_waiter = asyncio.create_task(self._stop_requested.wait(), name="facilitator-stop-waiter")
         try:
-            async with asyncio.timeout(close_timeout):
-                await self.connection.stop()
-        except TimeoutError:
-            pass
-        self._transport.abort()  # no-op after a clean close; ends a half-closed one at once
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await self._transport.wait_closed()  # the websocket's own I/O tasks end too
-        if self._messages is not None:
-            self._messages.close()
-        self.connection.complete()
-        self.monitor.close()
+            done, _ = await asyncio.wait([stop_waiter, *loops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_waiter.cancel()
+        for task in done:
+            if task is not stop_waiter and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _drain(self, timeout: float) -> None:
+        self._phase = _Phase.STOPPING
+        self._jobs.stop_accepting()
+        messages = self._messages
+        if messages is not None and self._connection.is_connected and timeout > 0:
+            if not await messages.drain(timeout):
+                log.warning("stopping with %d messages still pending", messages.current_depth.pending)
+
+    async def _stop_connection(self) -> None:
+        """After stop() the outbox was drained already; cancellation (SIGINT) or a failure gets the
+        short budget: drain for at most ``cancel_drain_timeout``, close within 0.5 s."""
+        if self._phase is _Phase.STOPPING:
+            await self._connection.stop()
+            return
+        await self._drain(self._config.cancel_drain_timeout)
+        await self._connection.stop(close_timeout=0.5)
 
     def _spec_source_failed(self, exc: BaseException) -> None:
-        self.monitor.emit(
+        self._monitor.emit(
             EventType.SOURCE_FAILED, "spec_updates",
             f"the spec update source failed: {type(exc).__name__}: {exc}",
             exception=type(exc).__name__, message=str(exc)[:500],
@@ -249,6 +305,3 @@ class FacilitatorClient:
 
 def _message(item: Any) -> Any:
     return item.message
-
-
-__all__ = ["FacilitatorClient"]

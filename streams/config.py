@@ -7,9 +7,25 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from streams.exceptions import ConfigError
+from streams.protocol import MAX_FRAME_BYTES
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or malformed; the message names the field."""
+__all__ = ["ClientConfig", "ConfigError", "validate_ws_url"]
+
+
+def validate_ws_url(url: object, *, what: str = "url") -> None:
+    """Raise :class:`ConfigError` (a ValueError) unless ``url`` is a ws:// or wss:// URL with a host and valid port."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be a string like ws://127.0.0.1:8765/ws/v0/, got {type(url).__name__}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            f"{what} must be a ws:// or wss:// URL with a host, like ws://127.0.0.1:8765/ws/v0/; got {url!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed or out-of-range port
+    except ValueError as exc:
+        raise ConfigError(f"{what} has an invalid port: {url!r} ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +44,7 @@ class ClientConfig:
     auth_timeout: float = 10.0
     close_timeout: float = 5.0
     send_timeout: float = 10.0
-    max_frame_bytes: int = 50 * 2**20
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
@@ -59,15 +75,7 @@ class ClientConfig:
     statsd_prefix: str = "facilitator_client"
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ConfigError(
-                f"url must be a ws:// or wss:// URL with a host, like ws://127.0.0.1:8765/ws/v0/; got {self.url!r}"
-            )
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"url has an invalid port: {self.url!r} ({exc})") from None
+        validate_ws_url(self.url)
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):

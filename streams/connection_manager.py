@@ -9,6 +9,7 @@ events and metrics. Nothing but the auth request is ever sent before a ``success
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -20,9 +21,22 @@ import reactivex
 from operators import Backoff
 from streams.config import ClientConfig
 from streams.events import ConnectionState
+from streams.exceptions import UsageError
 from streams.protocol import DecodeError, Response, Signer, V0AuthenticationRequest, decode, encode
 from streams.safe_subject import SafeBehaviorSubject, SafeSubject
 from streams.transport import CloseInfo, Transport, TransportClosed, TransportConnectError, TransportError
+
+__all__ = [
+    "AuthRejected",
+    "AuthenticationFailed",
+    "ConnectAttempt",
+    "ConnectFailed",
+    "Connected",
+    "ConnectionChange",
+    "ConnectionManager",
+    "Disconnected",
+    "Frame",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +102,7 @@ class ConnectionManager:
         transport: Transport,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_subscriber_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._config = config
         self._signer = signer
@@ -99,7 +114,9 @@ class ConnectionManager:
             stable_after=config.backoff_stable_after,
             rng=random.Random(config.backoff_seed),
         )
-        self._state: SafeBehaviorSubject[ConnectionState] = SafeBehaviorSubject(ConnectionState.DISCONNECTED)
+        self._state: SafeBehaviorSubject[ConnectionState] = SafeBehaviorSubject(
+            ConnectionState.DISCONNECTED, on_subscriber_error
+        )
         self._frames: SafeSubject[Frame] = SafeSubject()
         self._changes: SafeSubject[ConnectionChange] = SafeSubject()
         self._stopping = asyncio.Event()
@@ -107,15 +124,12 @@ class ConnectionManager:
         self._attempt = 0
         self._last_down: float | None = None
         self._connected_at = 0.0
+        self._task: asyncio.Task[None] | None = None
 
     # -- observables -------------------------------------------------------------------------
     @property
     def state(self) -> reactivex.Observable[ConnectionState]:
         return self._state
-
-    @property
-    def current_state(self) -> ConnectionState:
-        return self._state.value
 
     @property
     def frames(self) -> reactivex.Observable[Frame]:
@@ -142,7 +156,43 @@ class ConnectionManager:
         await self._transport.send(frame)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def start(self) -> None:
+        """Start the connection loop in a task this manager owns (``stop()`` ends it)."""
+        if self._task is not None:
+            raise UsageError("ConnectionManager.start() can be called once")
+        self._task = asyncio.create_task(self._run(), name="facilitator-connection")
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The connection loop, for an owner that wants to learn when it fails (it never ends by itself)."""
+        return self._task
+
+    async def stop(self, close_timeout: float | None = None) -> None:
+        """Close with 1000 (bounded by ``close_timeout``), end the loop, release the socket, complete the streams."""
+        self._stopping.set()
+        timeout = self._config.close_timeout if close_timeout is None else close_timeout
+        try:
+            if self._transport.is_connected():
+                async with asyncio.timeout(timeout):
+                    try:
+                        await self._transport.close(1000, "client stopping")
+                    except TransportError as exc:  # a close that fails still ends the connection
+                        log.debug("close failed: %s", exc)
+        except TimeoutError:
+            pass
+        finally:
+            self._transport.abort()  # no-op after a clean close; ends a half-closed one at once
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.wait([self._task])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await self._transport.wait_closed()  # the websocket's own I/O tasks end too
+            self._frames.on_completed()
+            self._changes.on_completed()
+            self._state.on_completed()
+
+    async def _run(self) -> None:
         """Connect, authenticate, read; on any failure back off and try again, until stop()."""
         try:
             while not self._stopping.is_set():
@@ -160,20 +210,6 @@ class ConnectionManager:
                 info = self._transport.close_info or CloseInfo(None, "client stopped; connection aborted", None)
                 self._changes.on_next(Disconnected(self._connection_id, info, ended - self._connected_at, None))
             self._set_state(ConnectionState.DISCONNECTED)
-
-    async def stop(self) -> None:
-        """Close the connection with 1000 and end run() (its caller awaits it)."""
-        self._stopping.set()
-        if self._transport.is_connected():
-            try:
-                await self._transport.close(1000, "client stopping")
-            except TransportError as exc:  # a close that fails still ends the connection
-                log.debug("close failed: %s", exc)
-
-    def complete(self) -> None:
-        self._frames.on_completed()
-        self._changes.on_completed()
-        self._state.on_completed()
 
     # -- internals ---------------------------------------------------------------------------
     async def _connect_once(self) -> float:

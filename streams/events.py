@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["ConnectionState", "EventType", "SystemEvent"]
+
 
 class EventType(enum.StrEnum):
     CONNECTED = "CONNECTED"

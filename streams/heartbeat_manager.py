@@ -17,6 +17,8 @@ from reactivex.subject import Subject
 from streams.events import ConnectionState
 from streams.protocol import V0Heartbeat
 
+__all__ = ["HeartbeatManager"]
+
 
 class HeartbeatManager:
     def __init__(
@@ -53,6 +55,9 @@ class HeartbeatManager:
         per_state: reactivex.Observable[reactivex.Observable[V0Heartbeat]] = connected.pipe(ops.map(per_connection))
         return per_state.pipe(ops.switch_latest(), ops.take_until(self._stopped))
 
-    def stop(self) -> None:
+    async def start(self) -> None:
+        """Nothing to start: the heartbeat timers follow the connection state once subscribed."""
+
+    async def stop(self) -> None:
         self._stopped.on_next(None)
         self._stopped.on_completed()

@@ -4,7 +4,7 @@ The client reports ``received`` on dispatch, dispatches a job uuid once however 
 facilitator sends it, caps how many jobs run at once, and turns a dispatcher that raises into a
 ``horde_failed`` status (reason ``unhandled_exception``). Three dispatchers ship: a callback
 dispatcher around ``async def handle(job, report)``, a simulated one for demos and tests, and
-(phase 2) a Celery one in ``streams.celery``.
+(phase 2) a Celery one: all in :mod:`streams.dispatchers`.
 """
 
 from __future__ import annotations
@@ -12,86 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import reactivex
 from reactivex.subject import Subject
 
-from streams.job_status_update_manager import JobStatusUpdateManager, Report
+from streams.dispatchers.base import Dispatcher, Handler, ManagedDispatcher, Report
+from streams.dispatchers.callback import as_dispatcher
+from streams.job_status_update_manager import JobStatusUpdateManager
+from streams.lifecycle import TaskOwner
 from streams.protocol import JobStatus, JobStatusUpdate, V2JobRequest
-from streams.tasks import TaskOwner
+
+__all__ = ["JobDispatcher", "JobFailure"]
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[V2JobRequest, Report], Awaitable[None]]
-
-
-@runtime_checkable
-class Dispatcher(Protocol):
-    """Runs one job. Report progress with ``report(status, metadata=None)``.
-
-    Optional hooks a dispatcher may define: ``async start()`` / ``async stop()`` (called with the
-    client's lifecycle) and ``bind(statuses, acks)``, called once before start with the client's
-    JobStatusUpdateManager and the observable of acknowledged status updates (``AckOutcome``), for
-    dispatchers whose statuses arrive from elsewhere (Celery workers) and must be confirmed there.
-    """
-
-    async def handle(self, job: V2JobRequest, report: Report) -> None: ...
-
-
-class CallbackDispatcher:
-    """Wraps ``async def handle(job, report)``: the simplest dispatcher (the seed's phase 1)."""
-
-    def __init__(self, handler: Handler) -> None:
-        if not callable(handler):
-            raise TypeError(f"dispatcher callback must be callable, got {type(handler).__name__}")
-        self._handler = handler
-
-    async def handle(self, job: V2JobRequest, report: Report) -> None:
-        await self._handler(job, report)
-
-
-class SimulatedDispatcher:
-    """Plays a job's lifecycle with a delay between steps; ``env SIMULATE=fail`` ends in ``failed``."""
-
-    STEPS = (JobStatus.ACCEPTED, JobStatus.EXECUTOR_READY, JobStatus.VOLUMES_READY, JobStatus.EXECUTION_DONE)
-
-    def __init__(self, step_delay: float = 0.5) -> None:
-        if step_delay < 0:
-            raise ValueError(f"step_delay must be >= 0, got {step_delay!r}")
-        self.step_delay = step_delay
-
-    async def handle(self, job: V2JobRequest, report: Report) -> None:
-        for status in self.STEPS:
-            await asyncio.sleep(self.step_delay)
-            report(status)
-        await asyncio.sleep(self.step_delay)
-        if job.env.get("SIMULATE") == "fail":
-            report(
-                JobStatus.FAILED,
-                {"job_failure_details": {"reason": "nonzero_exit_code", "stage": "execution",
-                                         "message": "simulated failure (env SIMULATE=fail)",
-                                         "docker_process_exit_status": 1}},
-            )
-        else:
-            report(
-                JobStatus.COMPLETED,
-                {"miner_response": {"docker_process_stdout": f"simulated {job.uuid}",
-                                    "docker_process_stderr": "", "artifacts": {}, "upload_results": {}}},
-            )
-
-
-def as_dispatcher(dispatcher: Dispatcher | Handler) -> Dispatcher:
-    if isinstance(dispatcher, Dispatcher):
-        return dispatcher
-    if callable(dispatcher):
-        return CallbackDispatcher(dispatcher)
-    raise TypeError(
-        f"dispatcher must have `async def handle(job, report)` or be such a function; got {type(dispatcher).__name__}"
-    )
-
 
 @dataclass(frozen=True, slots=True)
 class JobFailure:
@@ -190,9 +124,8 @@ class JobDispatcher:
             self._finished.on_next(job.uuid)
 
     async def start(self) -> None:
-        start = getattr(self._dispatcher, "start", None)
-        if start is not None:
-            await start()
+        if isinstance(self._dispatcher, ManagedDispatcher):
+            await self._dispatcher.start()
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -201,8 +134,7 @@ class JobDispatcher:
         """Stop taking jobs, cancel running ones, and stop the dispatcher."""
         self._accepting = False
         await self._tasks.aclose()
-        stop = getattr(self._dispatcher, "stop", None)
-        if stop is not None:
-            await stop()
+        if isinstance(self._dispatcher, ManagedDispatcher):
+            await self._dispatcher.stop()
         for subject in (self._dispatched, self._duplicates, self._failures, self._finished):
             subject.on_completed()

@@ -8,23 +8,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Protocol
 
 import reactivex
 from reactivex.subject import Subject
 
+from streams.dispatchers.base import Metadata
+from streams.exceptions import UsageError
 from streams.protocol import JobStatus, JobStatusMetadata, JobStatusUpdate
 
+__all__ = ["JobReporter", "JobStatusUpdateManager"]
+
 log = logging.getLogger(__name__)
-
-Metadata = JobStatusMetadata | Mapping[str, Any] | None
-
-
-class Report(Protocol):
-    """What a dispatcher calls to report a job's progress: ``report(status, metadata=None)``."""
-
-    def __call__(self, status: JobStatus | str, metadata: Metadata = None) -> bool: ...
 
 
 class JobReporter:
@@ -58,7 +52,7 @@ class JobStatusUpdateManager:
         """All jobs' status updates, in report order (those reported before ``start()`` first)."""
         return self._updates
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Called once ``updates`` is subscribed: what was reported earlier goes out first, in order."""
         self._started = True
         early, self._early = self._early, []
@@ -68,16 +62,12 @@ class JobStatusUpdateManager:
     def open(self, job_uuid: str) -> JobReporter:
         """Start a job's status stream; returns its ``report`` callable."""
         if self._stopped:
-            raise RuntimeError("the JobStatusUpdateManager is stopped")
+            raise UsageError("the JobStatusUpdateManager is stopped")
         self._open.add(job_uuid)
         return JobReporter(self, job_uuid)
 
     def is_open(self, job_uuid: str) -> bool:
         return job_uuid in self._open
-
-    @property
-    def open_jobs(self) -> int:
-        return len(self._open)
 
     def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> bool:
         """Queue a status update. False (and a warning) once the job's stream has ended."""
@@ -97,7 +87,7 @@ class JobStatusUpdateManager:
         """End a job's status stream (after its final status, or when the host gives up on it)."""
         self._open.discard(job_uuid)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self._stopped = True
         self._open.clear()
         self._updates.on_completed()

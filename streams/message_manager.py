@@ -40,8 +40,22 @@ from operators import (
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
+from streams.exceptions import TransportClosed, UsageError
 from streams.protocol import OutboundMessage, Response, encode
-from streams.transport import TransportClosed
+
+__all__ = [
+    "HEARTBEAT_KIND",
+    "POLICIES",
+    "SPEC_KIND",
+    "STATUS_KIND",
+    "AckOutcome",
+    "Depth",
+    "Envelope",
+    "MessageManager",
+    "Requeued",
+    "Sent",
+    "envelope_of",
+]
 
 STATUS_KIND = "V0JobStatusUpdate"
 SPEC_KIND = "V0MachineSpecsUpdate"
@@ -129,7 +143,7 @@ def envelope_of(message: OutboundMessage, now: float) -> Envelope:
 
 
 class MessageManager:
-    """The outbox and its send loop. ``run()`` sends until cancelled; ``drain()`` waits for empty."""
+    """The outbox and its send loop: ``start()`` wires both, ``drain()`` waits for empty, ``stop()`` ends them."""
 
     def __init__(
         self,
@@ -158,6 +172,7 @@ class MessageManager:
         self._changed = asyncio.Event()
         self._subscriptions = CompositeDisposable()
         self._started = False
+        self._task: asyncio.Task[None] | None = None
         self._quiet_depth = False
         self._depth_soon = False
 
@@ -208,7 +223,7 @@ class MessageManager:
     def add_source(self, source: reactivex.Observable[OutboundMessage]) -> None:
         """Merge another outbound source; all sources are wired before ``start()``."""
         if self._started:
-            raise RuntimeError("add_source() must be called before start()")
+            raise UsageError("add_source() must be called before start()")
         self._sources.append(source)
 
     def enqueue(self, message: OutboundMessage) -> None:
@@ -222,10 +237,10 @@ class MessageManager:
         self._wake.set()
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Wire the pipeline (synchronously, before any frame flows)."""
+    async def start(self) -> None:
+        """Wire the pipeline (before any frame flows) and start the send loop, a task this manager owns."""
         if self._started:
-            raise RuntimeError("MessageManager already started")
+            raise UsageError("MessageManager.start() can be called once")
         self._started = True
         connected: reactivex.Observable[bool] = self._connection.state.pipe(
             ops.map(_is_connected), ops.distinct_until_changed()
@@ -261,9 +276,15 @@ class MessageManager:
         # interleaving is arrival order; reactivex.merge would add a lock per message).
         for source in self._sources:
             self._subscriptions.add(source.subscribe(route))
+        self._task = asyncio.create_task(self._send_loop(), name="facilitator-send-loop")
 
-    async def run(self) -> None:
-        """The send loop: the only writer of frames. Runs until cancelled."""
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The send loop, for an owner that wants to learn when it fails (it never ends by itself)."""
+        return self._task
+
+    async def _send_loop(self) -> None:
+        """The only writer of frames. Runs until ``stop()`` cancels it."""
         while True:
             envelope = self._next_ready()
             if envelope is None:
@@ -308,12 +329,15 @@ class MessageManager:
             return False
         return True
 
-    def close(self) -> None:
-        """Dispose the pipeline, report what was never sent, complete the observables.
+    async def stop(self) -> None:
+        """End the send loop, dispose the pipeline, report what was never sent, complete the observables.
 
         Unacknowledged status updates are back in the wire queue by now (the connection ended
         first), so reporting the wire queue and the outbox accounts for every pending message.
         """
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
         while self._wire:
             self._dropped.on_next(Dropped(self._wire.popleft(), "disposed"))
         self._subscriptions.dispose()

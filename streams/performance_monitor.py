@@ -24,23 +24,17 @@ from streams.connection_manager import (
     ConnectionManager,
     Disconnected,
 )
+from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
+from streams.exceptions import DecodeError
 from streams.job_dispatcher import JobDispatcher, JobFailure
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.metrics import Metrics
-from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest
-from streams.safe_subject import SafeBehaviorSubject, SafeSubject
+from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest, excerpt, message_kind
+from streams.safe_subject import SafeSubject
 from streams.transport import CloseInfo
 
-EXCERPT = 200
-
-
-def _excerpt(frame: str | bytes) -> str:
-    """The start of a frame, and how much of it was left out (text) or how long it was (binary)."""
-    if isinstance(frame, str):
-        return frame if len(frame) <= EXCERPT else f"{frame[:EXCERPT]}…(+{len(frame) - EXCERPT} chars)"
-    text = repr(bytes(frame[:EXCERPT]))
-    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}…({len(frame)} bytes in all)"
+__all__ = ["PerformanceMonitor"]
 
 
 def _close_data(info: CloseInfo | None) -> dict[str, object]:
@@ -58,7 +52,7 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
 class PerformanceMonitor:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self._subscriber_failed("events"))
+        self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self.subscriber_failed("events"))
         self._subscriptions = CompositeDisposable()
         self._depth = Depth(0, 0, 0, 0)
         self._messages: MessageManager | None = None
@@ -86,7 +80,7 @@ class PerformanceMonitor:
         finally:
             self._emitting -= 1
 
-    def _subscriber_failed(self, stream: str) -> Callable[[BaseException], None]:
+    def subscriber_failed(self, stream: str) -> Callable[[BaseException], None]:
         """A host subscriber raised: count it always; one SUBSCRIBER_FAILED per stream and exception type."""
 
         def report(exc: BaseException) -> None:
@@ -115,9 +109,6 @@ class PerformanceMonitor:
         cheats: CheatReportHandler,
         cheat_reports: reactivex.Observable[V0JobCheated],
     ) -> None:
-        state = connection.state
-        if isinstance(state, SafeBehaviorSubject) and state.on_subscriber_error is None:
-            state.on_subscriber_error = self._subscriber_failed("state")
         self._messages = messages
         add = self._subscriptions.add
         add(connection.changes.subscribe(self._on_change))
@@ -137,11 +128,14 @@ class PerformanceMonitor:
         add(jobs.failures.subscribe(self._on_job_failure))
         add(cheat_reports.subscribe(lambda _report: self.metrics.incr("cheat.reports")))
         add(cheats.failures.subscribe(self._on_cheat_failure))
-        failures = getattr(jobs.dispatcher, "failures", None)  # e.g. CeleryDispatcher: Redis/broker trouble
-        if isinstance(failures, reactivex.Observable):
-            add(failures.subscribe(self._on_dispatcher_failure))
+        if isinstance(jobs.dispatcher, FailureReporting):  # e.g. CeleryDispatcher: Redis/broker trouble
+            add(jobs.dispatcher.failures.subscribe(self._on_dispatcher_failure))
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Nothing to start: ``watch()`` wired the subscriptions (before any component started)."""
+
+    async def stop(self) -> None:
+        """Last to stop: dispose the subscriptions, complete ``events``, flush and close the metrics."""
         self._subscriptions.dispose()
         self._events.on_completed()
         self.metrics.close()
@@ -251,13 +245,14 @@ class PerformanceMonitor:
     def _on_inbound(self, item: Decoded[InboundMessage] | Malformed) -> None:
         if isinstance(item, Malformed):
             self.metrics.incr("messages.malformed")
+            reason = item.error.reason if isinstance(item.error, DecodeError) else str(item.error)
             self.emit(
                 EventType.MALFORMED_MESSAGE, type(item.error).__name__,
-                f"malformed frame from the facilitator: {getattr(item.error, 'reason', item.error)}",
-                excerpt=_excerpt(item.frame), error=str(item.error)[:500],
+                f"malformed frame from the facilitator: {reason}",
+                excerpt=excerpt(item.frame), error=reason[:500],
             )
             return
-        self.metrics.incr(f"messages.received.{_inbound_kind(item.message)}")
+        self.metrics.incr(f"messages.received.{message_kind(item.message)}")
 
     def _on_dispatched(self, job: V2JobRequest) -> None:
         self.metrics.incr("jobs.dispatched")
@@ -295,8 +290,3 @@ class PerformanceMonitor:
             message=str(failure.error)[:500],
         )
 
-
-def _inbound_kind(message: InboundMessage) -> str:
-    if isinstance(message, Response):
-        return "Response"
-    return message.message_type

@@ -1,4 +1,4 @@
-"""Wire models and codec for facilitator protocol v0 (see shared/PROTOCOL.md).
+"""Wire models and codec for facilitator protocol v0 (see docs/PROTOCOL.md).
 
 Outbound models are strict (frozen, extra fields forbidden) because the real facilitator answers an
 unparseable frame with an error Response, which shifts FIFO ack matching, and crashes on some inputs.
@@ -17,6 +17,8 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_ch
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core.core_schema import ValidationInfo
+
+from streams.exceptions import DecodeError
 
 __all__ = [
     "FINAL_STATUSES",
@@ -44,6 +46,7 @@ __all__ = [
     "decode",
     "decode_outbound",
     "encode",
+    "excerpt",
     "message_kind",
 ]
 
@@ -347,25 +350,13 @@ InboundMessage: TypeAlias = Response | V2JobRequest | V0JobCheated
 # --------------------------------------------------------------------------- codec
 
 
-class DecodeError(ValueError):
-    """A frame that is not a valid message; says what was wrong and shows the start of the frame."""
-
-    def __init__(self, reason: str, excerpt: str = "") -> None:
-        super().__init__(reason, excerpt)
-        self.reason = reason
-        self.excerpt = excerpt
-
-    def __str__(self) -> str:
-        return f"{self.reason}; frame: {self.excerpt!r}" if self.excerpt else self.reason
-
-    @classmethod
-    def for_frame(cls, reason: str, frame: object) -> DecodeError:
-        """Build one with the excerpt of `frame` (str or bytes), cheap even for huge frames."""
-        return cls(reason, _excerpt(frame))
+def _decode_error(reason: str, frame: object) -> DecodeError:
+    """A DecodeError with the excerpt of `frame` (str or bytes), cheap even for huge frames."""
+    return DecodeError(reason, excerpt(frame))
 
 
-def _excerpt(frame: object) -> str:
-    """Never raises: it runs inside decode's last-resort error handler."""
+def excerpt(frame: object) -> str:
+    """The start of a frame (str or bytes) and how much was left out; never raises (it runs in error handlers)."""
     try:
         if isinstance(frame, str):
             head, rest = frame[:_EXCERPT_CHARS], len(frame) - _EXCERPT_CHARS
@@ -415,22 +406,23 @@ def encode(message: OutboundMessage | InboundMessage) -> str:
     return orjson.dumps(message.model_dump(mode="json")).decode()
 
 
-def decode(frame: str | bytes) -> InboundMessage:
+def decode(frame: str | bytes, max_bytes: int = MAX_FRAME_BYTES) -> InboundMessage:
     """Parse a facilitator frame into a Response, V2JobRequest or V0JobCheated.
 
     Raises DecodeError, and nothing else, for any input: a malformed frame is counted and
-    reported by the caller, never allowed to end the client.
+    reported by the caller, never allowed to end the client. ``max_bytes`` is the client's
+    ``ClientConfig.max_frame_bytes`` (the transport enforces it too).
     """
     try:
-        obj = _load_object(frame)
+        obj = _load_object(frame, max_bytes)
         message_type = obj.get("message_type")
         if message_type is None:
             if "status" not in obj:
-                raise DecodeError.for_frame("JSON object has neither `message_type` nor `status`", frame)
+                raise _decode_error("JSON object has neither `message_type` nor `status`", frame)
             return _validate(Response, obj, frame)
         model = _INBOUND_TYPES.get(message_type) if isinstance(message_type, str) else None
         if model is None:
-            raise DecodeError.for_frame(f"unknown inbound message_type {_short(message_type)}", frame)
+            raise _decode_error(f"unknown inbound message_type {_short(message_type)}", frame)
         request = _validate(model, obj, frame)
         request._raw = obj
         return request
@@ -448,7 +440,7 @@ def decode_outbound(frame: str | bytes) -> OutboundMessage:
         model = _OUTBOUND_TYPES.get(message_type) if isinstance(message_type, str) else None
         if model is None:
             what = "missing" if message_type is None else f"unknown: {_short(message_type)}"
-            raise DecodeError.for_frame(f"outbound message_type {what}", frame)
+            raise _decode_error(f"outbound message_type {what}", frame)
         return _validate(model, obj, frame)
     except DecodeError:
         raise
@@ -475,25 +467,25 @@ def message_kind(frame_or_message: object) -> str:
     return kind if kind in _OUTBOUND_TYPES or kind in _INBOUND_TYPES else "unknown"
 
 
-def _load_object(frame: object) -> dict[str, Any]:
+def _load_object(frame: object, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     """Size check, UTF-8 check and JSON parse; the result is always a JSON object."""
     if isinstance(frame, str):
         size = len(frame)
-        if size > MAX_FRAME_BYTES // 4 and not frame.isascii():  # only then can bytes exceed chars*4
+        if size > max_bytes // 4 and not frame.isascii():  # only then can bytes exceed chars*4
             size = len(frame.encode("utf-8", "surrogatepass"))
     elif isinstance(frame, (bytes, bytearray, memoryview)):
         size = len(frame)
     else:
-        raise DecodeError.for_frame(f"frame must be str or bytes, not {type(frame).__name__}", frame)
-    if size > MAX_FRAME_BYTES:
-        reason = f"frame is {size} bytes, larger than the {MAX_FRAME_BYTES} byte limit"
-        raise DecodeError.for_frame(reason, frame)
+        raise _decode_error(f"frame must be str or bytes, not {type(frame).__name__}", frame)
+    if size > max_bytes:
+        reason = f"frame is {size} bytes, larger than the {max_bytes} byte limit"
+        raise _decode_error(reason, frame)
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        raise DecodeError.for_frame(_why_not_json(frame, exc), frame) from None
+        raise _decode_error(_why_not_json(frame, exc), frame) from None
     if not isinstance(obj, dict):
-        raise DecodeError.for_frame(f"frame is JSON but not an object (got {json_kind(obj)})", frame)
+        raise _decode_error(f"frame is JSON but not an object (got {json_kind(obj)})", frame)
     return obj
 
 
@@ -514,7 +506,7 @@ def _validate(model: type[_M], obj: dict[str, Any], frame: object) -> _M:
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        raise DecodeError.for_frame(f"invalid {model.__name__}: {_summarise(exc)}", frame) from None
+        raise _decode_error(f"invalid {model.__name__}: {_summarise(exc)}", frame) from None
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -534,7 +526,7 @@ def _unexpected(exc: Exception, frame: object) -> DecodeError:
         detail = str(exc)[:_EXCERPT_CHARS]
     except Exception:
         detail = "?"
-    return DecodeError.for_frame(f"frame could not be decoded ({type(exc).__name__}: {detail})", frame)
+    return _decode_error(f"frame could not be decoded ({type(exc).__name__}: {detail})", frame)
 
 
 def _short(value: object) -> str:

@@ -12,8 +12,9 @@ import reactivex
 from reactivex.abc import DisposableBase
 from reactivex.subject import Subject
 
+from streams.exceptions import UsageError
+from streams.lifecycle import TaskOwner
 from streams.protocol import V0MachineSpecsUpdate
-from streams.tasks import TaskOwner
 
 SpecSource = reactivex.Observable[V0MachineSpecsUpdate] | AsyncIterable[V0MachineSpecsUpdate]
 
@@ -45,7 +46,7 @@ class SpecUpdateManager:
 
     def publish(self, update: V0MachineSpecsUpdate) -> None:
         if self._stopped:
-            raise RuntimeError("publish_specs() called after the client stopped")
+            raise UsageError("publish_specs() called after the client stopped")
         if not isinstance(update, V0MachineSpecsUpdate):
             raise TypeError(f"expected a V0MachineSpecsUpdate, got {type(update).__name__}")
         if not self._started:
@@ -53,7 +54,7 @@ class SpecUpdateManager:
             return
         self._updates.on_next(update)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._started = True
         early, self._early = self._early, []
         for update in early:

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from bittensor_wallet import Keypair
 
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 
 AuthFrame = Callable[..., str]
 

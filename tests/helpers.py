@@ -11,7 +11,7 @@ from typing import Any
 from bittensor_wallet import Keypair
 
 from streams import ClientConfig, FacilitatorClient, SystemEvent
-from streams.job_dispatcher import Dispatcher, Handler, SimulatedDispatcher
+from streams.dispatchers import Dispatcher, Handler, SimulatedDispatcher
 
 ALICE = Keypair.create_from_uri("//Alice")
 BOB = Keypair.create_from_uri("//Bob")

@@ -35,7 +35,9 @@ import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 from reactivex.subject import Subject
 
-from streams.celery import (
+from streams.cli import main as cli_main
+from streams.devtools.simulator import FacilitatorSimulator
+from streams.dispatchers.celery import (
     GROUP,
     STREAM_KEY,
     TASK_NAME,
@@ -48,10 +50,7 @@ from streams.celery import (
     play_lifecycle,
     reporter_for,
 )
-from streams.cli import main as cli_main
-from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.protocol import JobStatus, V2JobRequest, decode
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import FULL_SEQUENCE, fast_config, running_client, wait_until
 from tests.redis_fixtures import ROOT, CeleryWorker, RedisServer, redis_and_worker
 
@@ -193,7 +192,7 @@ async def test_end_to_end_100_jobs_every_status_in_order(stream: aioredis.Redis,
     async with FacilitatorSimulator(seed=11) as sim:
         dispatcher = CeleryDispatcher(redis_server.url, QUEUE, block_ms=200)
         async with running_client(fast_config(sim.url), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             jobs = [await sim.send_job_request(env={"SIMULATE": "fail"} if i % 10 == 0 else {}) for i in range(100)]
             failing = {job["uuid"] for job in jobs if job["env"]}
             await sim.wait_for(lambda: finished(sim, jobs), 30, "every job completed or failed")
@@ -262,6 +261,19 @@ async def test_entries_left_pending_by_a_vanished_consumer_are_taken_over(
     reporter.close()
 
 
+class _NullFeed:
+    """A StatusFeed that takes every report and never answers (the stop test needs no client)."""
+
+    def __init__(self) -> None:
+        self.acks: Subject[Any] = Subject()
+
+    def report(self, job_uuid: str, status: Any, metadata: Any = None) -> bool:
+        return True
+
+    def release(self, job_uuid: str) -> None:
+        pass
+
+
 def _entries_of(reply: Any) -> list[Any]:
     return [entry for _, entries in reply for entry in entries]
 
@@ -275,7 +287,7 @@ async def test_stop_ends_a_blocking_read_at_once_every_time(services: Any) -> No
         # Reads block for 60 s: a stop() that waited for the read (instead of ending it) would hit the
         # generous 10 s bound below, which a loaded machine does not.
         dispatcher = CeleryDispatcher(redis_server.url, QUEUE, stream_key=f"test-stop-{uuid.uuid4()}", block_ms=60_000)
-        dispatcher.bind(JobStatusUpdateManager(), Subject())
+        dispatcher.bind(_NullFeed())
         await dispatcher.start()
         await asyncio.sleep(rng.uniform(0.0, 0.03))
         async with asyncio.timeout(10):
@@ -334,7 +346,7 @@ async def test_client_sigkilled_mid_run_and_restarted_loses_nothing(
 async def test_redis_restarted_mid_run_is_reported_and_nothing_is_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="streams.celery")
+    caplog.set_level(logging.WARNING, logger="streams.dispatchers.celery")
     queue = "facilitator-restart-jobs"
     with redis_and_worker(tmp_path, queue, persistent=True, step_delay=0.1) as (redis_server, worker):
         async with FacilitatorSimulator(seed=15) as sim:
@@ -354,7 +366,7 @@ async def test_redis_restarted_mid_run_is_reported_and_nothing_is_lost(
                 await sim.wait_for(lambda: finished(sim, jobs), 30, "every job finished after the restart")
                 assert_in_order(sim, jobs)
                 await wait_until(lambda: dispatcher.pending == 0, 10, "every entry acknowledged")
-    messages = [r.getMessage() for r in caplog.records if r.name == "streams.celery"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "streams.dispatchers.celery"]
     assert any(m.startswith("redis unavailable at redis://127.0.0.1") for m in messages), messages
     assert any(m.startswith("broker unavailable at") for m in messages), messages
     assert any(m.startswith("redis reachable again") for m in messages), messages

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from streams import EventType
-from streams.simulator import FacilitatorSimulator
+from streams.devtools.simulator import FacilitatorSimulator
 from tests.helpers import wait_until
 from tests.test_monitor import EVENT_FIELDS, StatsdListener
 

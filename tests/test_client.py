@@ -12,8 +12,8 @@ from collections import Counter, defaultdict
 import pytest
 
 from streams import FacilitatorClient, SimulatedDispatcher
+from streams.devtools.simulator import FacilitatorSimulator
 from streams.protocol import JobStatus, V0MachineSpecsUpdate, V2JobRequest
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, FULL_SEQUENCE, fast_config, running_client, server_side, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,7 +55,7 @@ async def test_chaos_200_jobs_lose_nothing_and_keep_order() -> None:
                 "every status of every job stored",
             )
             sim.chaos(every=0)
-            await wait_until(lambda: run.client.messages.current_depth.pending == 0, 10, "outbox empty")
+            await wait_until(lambda: run.client.pending.pending == 0, 10, "outbox empty")
             faults = len(sim.faults)
         for job in jobs:
             assert sim.stored[job["uuid"]] == expected, (job["uuid"], sim.stored[job["uuid"]])
@@ -77,7 +77,7 @@ async def test_chaos_200_jobs_lose_nothing_and_keep_order() -> None:
 async def test_unacked_updates_resent_first_and_integrity_errors_count_as_acks() -> None:
     async with FacilitatorSimulator(seed=2) as sim:
         async with running_client(fast_config(sim.url)) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             sim.set_ack_delay(30.0)  # Responses withheld: the updates stay in flight
             jobs = [str(uuid.uuid4()) for _ in range(3)]
             sent = []
@@ -85,10 +85,10 @@ async def test_unacked_updates_resent_first_and_integrity_errors_count_as_acks()
                 sim.register_job(job_uuid)
             for status in ("received", "accepted"):
                 for job_uuid in jobs:
-                    run.client.statuses.open(job_uuid)(status)
+                    run.client._statuses.open(job_uuid)(status)
                     sent.append((job_uuid, status))
             await sim.wait_for(lambda: len(status_frames(sim)) == 6, 5, "six updates in flight")
-            assert run.client.messages.current_depth.in_flight == 6
+            assert run.client.pending.in_flight == 6
             sim.set_ack_delay(0.0)
             await sim.drop()
             await sim.wait_for(lambda: len(status_frames(sim)) == 12, 5, "six updates resent")
@@ -96,7 +96,7 @@ async def test_unacked_updates_resent_first_and_integrity_errors_count_as_acks()
             _first_conn, second_conn = sorted({c for c, _, _ in status_frames(sim)})
             resent = [(u, s) for c, u, s in status_frames(sim) if c == second_conn]
             assert resent == sent, "unacknowledged updates go out first, in their original order"
-            assert run.client.messages.current_depth.in_flight == 0
+            assert run.client.pending.in_flight == 0
             assert run.counters["messages.resent.V0JobStatusUpdate"] == 6
             assert run.counters.get("acks.error.job.integrity_error", 0) == 0
         assert_auth_first(sim)
@@ -127,7 +127,7 @@ async def test_stall_is_detected_and_the_client_reconnects() -> None:
         # dropped at once, not after a close handshake that cannot complete (no wall-clock assertion).
         config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=60.0)
         async with running_client(config) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             await sim.stall()
             await wait_until(lambda: len(run.events_of("CONNECTED")) >= 2, 20, "reconnected after a stall")
             disconnected = run.events_of("DISCONNECTED")[0]
@@ -149,10 +149,10 @@ async def test_heartbeats_first_after_auth_periodic_and_not_piled_up() -> None:
             # Disconnected for a while (refused auths): no heartbeat piles up; a backlog builds.
             sim.refuse_next_auth("signature_invalid", times=4)
             await sim.drop()
-            await wait_until(lambda: not run.client.connection.is_connected, 5, "disconnected")
+            await wait_until(lambda: not run.client.is_connected, 5, "disconnected")
             for _ in range(2000):
                 job_uuid = str(uuid.uuid4())
-                report = run.client.statuses.open(job_uuid)
+                report = run.client._statuses.open(job_uuid)
                 for status in FULL_SEQUENCE[:5]:
                     report(status)
             await sim.wait_for(lambda: sim.authenticated_connections >= 2, 10, "reconnected")
@@ -170,10 +170,10 @@ async def test_heartbeats_first_after_auth_periodic_and_not_piled_up() -> None:
 async def test_spec_updates_survive_a_disconnect_in_order_and_the_oldest_are_dropped_past_the_bound() -> None:
     async with FacilitatorSimulator(seed=6) as sim:
         async with running_client(fast_config(sim.url, max_pending_specs=3, backoff_cap=0.2)) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             sim.refuse_next_auth("signature_invalid", times=2)
             await sim.drop()
-            await wait_until(lambda: not run.client.connection.is_connected, 5, "disconnected")
+            await wait_until(lambda: not run.client.is_connected, 5, "disconnected")
             for n in range(5):
                 run.client.publish_specs(spec(n))
             await sim.wait_for(lambda: len(sim.spec_updates) == 3, 10, "three spec updates")
@@ -202,7 +202,7 @@ async def test_duplicate_jobs_dispatch_once_and_a_raising_dispatcher_reports_hor
 
     async with FacilitatorSimulator(seed=7) as sim:
         async with running_client(fast_config(sim.url), handle) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             job = await sim.send_job_request()
             await sim.send_raw(__import__("json").dumps(job))
             boom = await sim.send_job_request(env={"BOOM": "1"})
@@ -238,10 +238,10 @@ async def test_one_hundred_concurrent_jobs() -> None:
 
     async with FacilitatorSimulator(seed=8) as sim:
         async with running_client(fast_config(sim.url, max_concurrent_jobs=100), handle) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             jobs = [await sim.send_job_request() for _ in range(110)]
             await wait_until(lambda: peak == 100, 10, "100 jobs running at once")
-            assert run.client.jobs.active == 110  # ten wait for a slot
+            assert run.client._jobs.active == 110  # ten wait for a slot
             release.set()
             await sim.wait_for(lambda: all("completed" in sim.stored[j["uuid"]] for j in jobs), 10, "all completed")
             assert peak == 100
@@ -250,7 +250,7 @@ async def test_one_hundred_concurrent_jobs() -> None:
 async def test_malformed_and_unknown_frames_are_reported_and_the_client_keeps_working() -> None:
     async with FacilitatorSimulator(seed=9) as sim:
         async with running_client(fast_config(sim.url)) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             await sim.send_raw("{not json")
             await sim.send_raw(b"\x00\xffbinary")
             await sim.send_raw('{"message_type": "V9Unknown", "x": 1}')
@@ -262,7 +262,7 @@ async def test_malformed_and_unknown_frames_are_reported_and_the_client_keeps_wo
             assert malformed[0].data["excerpt"] == "{not json"
             assert "V9Unknown" in malformed[2].description
             assert run.counters["messages.malformed"] == 4
-            assert run.client.connection.is_connected
+            assert run.client.is_connected
 
 
 async def test_cheat_reports_reach_the_handler_and_a_raising_handler_is_reported() -> None:
@@ -275,7 +275,7 @@ async def test_cheat_reports_reach_the_handler_and_a_raising_handler_is_reported
 
     async with FacilitatorSimulator(seed=10) as sim:
         async with running_client(fast_config(sim.url), on_cheat=on_cheat) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             first = str(uuid.uuid4())
             second = str(uuid.uuid4())
             await sim.send_cheat_report(first)
@@ -284,7 +284,7 @@ async def test_cheat_reports_reach_the_handler_and_a_raising_handler_is_reported
             assert seen == [first, second]
             assert run.events_of("CHEAT_HANDLER_FAILED")[0].data["job_uuid"] == second
             assert run.counters["cheat.reports"] == 2
-            assert run.client.connection.is_connected
+            assert run.client.is_connected
 
 
 async def test_stop_drains_and_leaves_no_task() -> None:
@@ -292,9 +292,9 @@ async def test_stop_drains_and_leaves_no_task() -> None:
         before = asyncio.all_tasks()
         client = FacilitatorClient(fast_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0))
         task = asyncio.create_task(client.start())
-        await wait_until(lambda: client.connection.is_connected, 5, "connected")
+        await wait_until(lambda: client.is_connected, 5, "connected")
         for _ in range(100):
-            client.statuses.open(str(uuid.uuid4()))("received")
+            client._statuses.open(str(uuid.uuid4()))("received")
         async with asyncio.timeout(30):  # generous: a hung drain fails here, a slow machine does not
             await client.stop()
         await task
@@ -316,12 +316,12 @@ async def test_cancellation_tears_down_within_a_second_plus_drain() -> None:
         config = fast_config(sim.url, drain_timeout=60.0, cancel_drain_timeout=1.0)
         client = FacilitatorClient(config, signer=ALICE, dispatcher=SimulatedDispatcher(10))
         task = asyncio.create_task(client.start())
-        await wait_until(lambda: client.connection.is_connected, 5, "connected")
+        await wait_until(lambda: client.is_connected, 5, "connected")
         job = await sim.send_job_request()  # a long-running job task to cancel
-        await wait_until(lambda: client.jobs.active == 1, 5, f"job {job['uuid']} running")
+        await wait_until(lambda: client._jobs.active == 1, 5, f"job {job['uuid']} running")
         await sim.stall()  # nothing more can be sent: the drain must give up on time
         for _ in range(100):
-            client.statuses.open(str(uuid.uuid4()))("received")
+            client._statuses.open(str(uuid.uuid4()))("received")
         started = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -334,7 +334,7 @@ async def test_cancellation_tears_down_within_a_second_plus_drain() -> None:
 async def test_a_teardown_whose_close_hangs_still_reports_the_disconnect() -> None:
     async with FacilitatorSimulator(seed=13) as sim:
         async with running_client(fast_config(sim.url, close_timeout=0.2)) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             await sim.stall()  # the close handshake will never complete
         disconnected = run.events_of("DISCONNECTED")
         assert len(disconnected) == 1, [e.description for e in run.events]

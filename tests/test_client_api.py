@@ -8,8 +8,8 @@ import pytest
 import reactivex
 
 from streams import ClientConfig, ConfigError, ConnectionState, FacilitatorClient, SimulatedDispatcher
+from streams.devtools.simulator import FacilitatorSimulator
 from streams.protocol import JobStatus, V0MachineSpecsUpdate
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import ALICE, fast_config, running_client, wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -50,7 +50,7 @@ async def test_async_with_runs_the_client_in_the_background_and_states_are_obser
         client = FacilitatorClient(fast_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(0))
         client.state.subscribe(states.append)
         async with client:
-            await wait_until(lambda: client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: client.is_connected, 5, "connected")
             with pytest.raises(RuntimeError, match="called once"):
                 await client.start()
         assert states[:4] == [
@@ -97,7 +97,7 @@ async def test_a_failing_spec_source_is_reported_not_fatal() -> None:
             await wait_until(lambda: run.events_of("SOURCE_FAILED"), 5, "source failure reported")
             assert "sensor unreachable" in run.events_of("SOURCE_FAILED")[0].description
             await sim.wait_for(lambda: len(sim.spec_updates) == 1, 5, "the update before the failure")
-            assert run.client.connection.is_connected
+            assert run.client.is_connected
 
 
 async def test_a_job_status_stream_ends_at_its_first_final_status() -> None:
@@ -105,16 +105,16 @@ async def test_a_job_status_stream_ends_at_its_first_final_status() -> None:
         async with running_client(fast_config(sim.url)) as run:
             job_uuid = "8d3f2f0e-3c1e-4c61-9d6b-1e2f3a4b5c6d"
             sim.register_job(job_uuid)
-            report = run.client.statuses.open(job_uuid)
+            report = run.client._statuses.open(job_uuid)
             assert report(JobStatus.RECEIVED)
             assert report(JobStatus.REJECTED, {"job_rejection_details": {"rejected_by": "miner", "reason": "busy",
                                                                           "message": "no executor"}})
             assert not report(JobStatus.ACCEPTED), "after a final status the stream has ended"
-            assert not run.client.statuses.is_open(job_uuid)
+            assert not run.client._statuses.is_open(job_uuid)
             other = "9d3f2f0e-3c1e-4c61-9d6b-1e2f3a4b5c6d"
             sim.register_job(other)
-            stop = run.client.statuses.open(other)
-            run.client.statuses.stop_listener(other)
+            stop = run.client._statuses.open(other)
+            run.client._statuses.stop_listener(other)
             assert not stop(JobStatus.ACCEPTED)
             # The outbox keeps order: once an update enqueued after the refused one is stored, the refused
             # one would have been stored too.
@@ -144,7 +144,7 @@ async def test_dispatcher_failures_become_events_and_metrics() -> None:
     dispatcher = Flaky()
     async with FacilitatorSimulator(seed=35) as sim:
         async with running_client(fast_config(sim.url), dispatcher) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             dispatcher.failures.on_next(Failure("read: ConnectionError: redis down"))
             event = run.events_of("DISPATCHER_FAILED")[0]
             assert event.subtype == "read"
@@ -159,14 +159,14 @@ async def test_enqueue_sends_in_order_and_retry_goes_to_the_front() -> None:
 
     async with FacilitatorSimulator(seed=36, accept_unknown_jobs=True) as sim:
         async with running_client(fast_config(sim.url, backoff_cap=0.2)) as run:
-            await wait_until(lambda: run.client.connection.is_connected, 5, "connected")
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
             sim.refuse_next_auth("signature_invalid", times=2)
             await sim.drop()
-            await wait_until(lambda: not run.client.connection.is_connected, 5, "disconnected")
+            await wait_until(lambda: not run.client.is_connected, 5, "disconnected")
             jobs = [f"00000000-0000-4000-8000-00000000000{n}" for n in range(3)]
-            run.client.messages.enqueue(JobStatusUpdate(uuid=jobs[0], status=JobStatus.RECEIVED))
-            run.client.messages.enqueue(JobStatusUpdate(uuid=jobs[1], status=JobStatus.RECEIVED))
+            run.client._messages.enqueue(JobStatusUpdate(uuid=jobs[0], status=JobStatus.RECEIVED))
+            run.client._messages.enqueue(JobStatusUpdate(uuid=jobs[1], status=JobStatus.RECEIVED))
             urgent = envelope_of(JobStatusUpdate(uuid=jobs[2], status=JobStatus.RECEIVED), 0.0)
-            run.client.messages.retry(urgent)
+            run.client._messages.retry(urgent)
             await sim.wait_for(lambda: len(sim.frames_of("V0JobStatusUpdate")) == 3, 10, "three updates")
             assert [f["uuid"] for f in sim.frames_of("V0JobStatusUpdate")] == [jobs[2], jobs[0], jobs[1]]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.demo import print_summary, run_demo
-from streams.replay import analyze, load_recording, summarize
+from streams.devtools.demo import print_summary, run_demo
+from streams.devtools.replay import analyze, load_recording, summarize
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parents[1]

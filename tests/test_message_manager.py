@@ -23,6 +23,7 @@ from operators import Dropped
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
+from streams.exceptions import TransportClosed, UsageError
 from streams.message_manager import (
     AckOutcome,
     Depth,
@@ -41,7 +42,7 @@ from streams.protocol import (
     V0Heartbeat,
     V0MachineSpecsUpdate,
 )
-from streams.transport import CloseInfo, TransportClosed
+from streams.transport import CloseInfo
 from tests.helpers import wait_until
 
 URL = "ws://127.0.0.1:9/ws/v0/"
@@ -196,17 +197,13 @@ def make_outbox(**overrides: Any) -> Outbox:
 
 @contextlib.asynccontextmanager
 async def running(**overrides: Any) -> AsyncIterator[Outbox]:
-    """A started outbox whose send loop runs in an owned task (cancelled, then closed, on exit)."""
+    """A started outbox (its send loop is a task it owns), stopped on exit."""
     box = make_outbox(**overrides)
-    box.messages.start()
-    task = asyncio.create_task(box.messages.run(), name="send-loop")
+    await box.messages.start()
     try:
         yield box
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        box.messages.close()
+        await box.messages.stop()
 
 
 # -- sending -------------------------------------------------------------------------------------------
@@ -239,21 +236,17 @@ async def test_a_source_added_before_start_is_sent_and_one_added_after_is_refuse
     box = make_outbox()
     source: Subject[OutboundMessage] = Subject()
     box.messages.add_source(source)
-    box.messages.start()
-    with pytest.raises(RuntimeError, match=r"^add_source\(\) must be called before start\(\)$"):
-        box.messages.add_source(Subject())
-    with pytest.raises(RuntimeError, match=r"^MessageManager already started$"):
-        box.messages.start()
-    task = asyncio.create_task(box.messages.run())
+    await box.messages.start()
     try:
+        with pytest.raises(UsageError, match=r"^add_source\(\) must be called before start\(\)$"):
+            box.messages.add_source(Subject())
+        with pytest.raises(UsageError, match=r"^MessageManager\.start\(\) can be called once$"):
+            await box.messages.start()
         box.connection.up()
         source.on_next(spec(7))
         await wait_until(lambda: box.connection.labels(1) == ["spec7"], WAIT, "the source's spec")
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        box.messages.close()
+        await box.messages.stop()
 
 
 async def test_retry_puts_an_envelope_at_the_front() -> None:
@@ -578,15 +571,6 @@ async def test_unanswered_updates_are_requeued_first_in_order_after_a_disconnect
 # -- depth and close ------------------------------------------------------------------------------------
 
 
-def test_depth_is_published_at_once_outside_an_event_loop() -> None:
-    box = make_outbox()
-    box.messages.start()
-    box.enqueue(spec(1), spec(2))
-    size = len(envelope_of(spec(1), 0.0).frame)
-    assert box.depths == [Depth(0, 0, 0, 0), Depth(1, size, 0, 0), Depth(2, 2 * size, 0, 0)]
-    box.messages.close()
-
-
 async def test_a_release_publishes_the_depth_once_and_it_ends_exact() -> None:
     async with running() as box:
         box.enqueue(*(spec(n) for n in range(5)))
@@ -599,14 +583,15 @@ async def test_a_release_publishes_the_depth_once_and_it_ends_exact() -> None:
         assert all(a != b for a, b in zip(box.depths, box.depths[1:], strict=False))  # changes only
 
 
-async def test_close_reports_the_wire_queue_and_the_outbox_as_disposed_and_completes() -> None:
+async def test_stop_reports_the_wire_queue_and_the_outbox_as_disposed_and_completes() -> None:
     box = make_outbox(wire_queue_size=2)
     completed: list[str] = []
     box.messages.sent.subscribe(on_completed=lambda: completed.append("sent"))
     box.messages.depth.subscribe(on_completed=lambda: completed.append("depth"))
-    box.messages.start()
+    await box.messages.start()
     box.connection.up()
     box.enqueue(spec(1), spec(2), spec(3))  # two on the wire queue, one held
-    box.messages.close()
+    await box.messages.stop()
+    assert box.messages.task is not None and box.messages.task.done()
     assert sorted(box.drops()) == [("spec1", "disposed"), ("spec2", "disposed"), ("spec3", "disposed")]
     assert sorted(completed) == ["depth", "sent"]

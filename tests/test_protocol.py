@@ -37,8 +37,8 @@ from streams.protocol import (
     message_kind,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURE = SHARED / "captures" / "real-facilitator-session.jsonl"
+CAPTURE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "real-facilitator-session.jsonl"
+"""The real facilitator's capture ships with the repository; a missing capture fails the tests."""
 JOB_UUID = "2dcdf287-e485-408f-b2d2-ad0d3c8f9237"
 ALICE_PUBLIC_KEY = "d43593c715fdd31c61141abd04a99fd6822c8558854ccde39a5684e7a56da27d"
 # Outbound frames the capture shows being rejected by the real facilitator; we must reject them too.
@@ -46,9 +46,7 @@ INVALID_OUTBOUND_MARKERS = ("{not json", '"no_such_status"', '"extra": 1')
 
 
 def _capture_frames(direction: str) -> list[Any]:
-    """One param per captured frame, or one skipped param saying why when the capture is absent."""
-    if not CAPTURE.exists():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"capture not found at {CAPTURE}"))]
+    """One param per captured frame (reading fails loudly if the capture is missing)."""
     lines = CAPTURE.read_text(encoding="utf-8").splitlines()[1:]  # line 1 is the header
     records = [json.loads(line) for line in lines if line.strip()]
     return [pytest.param(r["frame"], id=f"t{r['t']}") for r in records if r.get("dir") == direction]
@@ -94,8 +92,6 @@ def test_every_captured_outbound_frame_round_trips_or_is_rejected(frame: str) ->
 
 
 def test_capture_covers_what_the_readme_promises() -> None:
-    if not CAPTURE.exists():
-        pytest.skip(f"capture not found at {CAPTURE}")
     inbound = [decode(p.values[0]) for p in _capture_frames("in")]
     error_types = {t for m in inbound if isinstance(m, Response) for t in m.error_types}
     assert {
@@ -588,8 +584,6 @@ def test_authentication_request_from_any_signer() -> None:
 
 
 def test_captured_authentication_matches_ours() -> None:
-    if not CAPTURE.exists():
-        pytest.skip(f"capture not found at {CAPTURE}")
     first_auth = next(
         m
         for p in _capture_frames("out")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from streams.config import ClientConfig
-from streams.recording import FORMAT, Recorder, RecordingTransport, open_recorder
-from streams.replay import ConnectionEvent, Frame, OtherEvent, load_recording
+from streams.devtools.replay import ConnectionEvent, Frame, OtherEvent, load_recording
+from streams.recording import FORMAT, Recorder, RecordingError, RecordingTransport, open_recorder
 from streams.transport import MemoryPeer, TransportClosed, WebSocketTransport, memory_transport_pair
 
 pytestmark = pytest.mark.timeout(30)
@@ -275,14 +275,12 @@ async def test_open_recorder_taps_a_websocket_transport_built_from_the_config(tm
 
 
 async def test_open_recorder_wraps_a_given_transport_and_reports_unwritable_paths(tmp_path: Path) -> None:
-    from streams.cli import CliError
-
     config = ClientConfig(url="ws://127.0.0.1:9/ws/v0/")
     client, _peer = memory_transport_pair()
     recorder, transport = open_recorder(tmp_path / "rec.jsonl", config, client)
     assert transport.inner is client
     await recorder.aclose()
-    with pytest.raises(CliError, match="cannot open --record file"):
+    with pytest.raises(RecordingError, match="cannot open recording file"):
         open_recorder(tmp_path / "missing-dir" / "rec.jsonl", config)
 
 

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
 from streams import ConnectionState, FacilitatorClient
+from streams.devtools.simulator import FacilitatorSimulator
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.protocol import JobStatus, V0JobCheated, V2JobRequest, decode
-from streams.simulator import FacilitatorSimulator
 from tests.helpers import FULL_SEQUENCE, Running, fast_config, running_client, wait_until
 
 MiB = 2**20
@@ -124,7 +124,7 @@ class StateCounter:
 
 
 async def connected(run: Running, timeout: float = 5.0) -> None:
-    await wait_until(lambda: run.client.connection.is_connected, timeout, "connected")
+    await wait_until(lambda: run.client.is_connected, timeout, "connected")
 
 
 # -- chaos: 500 jobs, every fault kind, at random moments ----------------------------------------------
@@ -193,7 +193,7 @@ async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unac
         log = DeliveryLog()
         async with running_client(config, handle) as run:
             await connected(run)
-            log.watch(run.client.messages)
+            log.watch(run.client._messages)
             jobs = [(await sim.send_job_request())["uuid"] for _ in range(500)]
             await wait_until(lambda: run.counters.get("jobs.dispatched", 0) == 500, 10, "500 jobs dispatched")
             sim.chaos(every=120, kinds=("drop", "close", "stall"), rng=random.Random(chaos_seed + 1))
@@ -210,7 +210,7 @@ async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unac
                 await injector
             sim.chaos(every=0)
             sim.set_ack_delay(0.0)
-            await wait_until(lambda: run.client.messages.current_depth.pending == 0, 15, "outbox and window empty")
+            await wait_until(lambda: run.client.pending.pending == 0, 15, "outbox and window empty")
             counters = run.counters
             dropped = run.events_of("MESSAGE_DROPPED")
 
@@ -382,7 +382,7 @@ async def test_fuzzed_frames_are_each_reported_and_heartbeats_keep_going(
     assert counters.get("cheat.reports", 0) == fuzzed.cheats
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "something raised inside the pipeline"
     # The connection survives, and heartbeats keep going out on it.
-    assert run.client.connection.is_connected and sim.connections == 1
+    assert run.client.is_connected and sim.connections == 1
     beats = len(sim.connection_log[fuzzed.conn_id].heartbeats)
     await sim.wait_for(lambda: len(sim.connection_log[fuzzed.conn_id].heartbeats) > beats, 5, "a heartbeat")
     assert not run.events_of("DISCONNECTED") and not run.events_of("SUBSCRIBER_FAILED")
@@ -497,31 +497,31 @@ async def test_slow_facilitator_window_and_outbox_bound_hold_and_nothing_is_lost
         log = DeliveryLog()
         async with running_client(config) as run:
             await connected(run)
-            log.watch(run.client.messages)
+            log.watch(run.client._messages)
             stop = asyncio.Event()
             slow = asyncio.create_task(slow_acks(sim, rng, stop))
             try:
                 # 1. Under the bound: all 150 delivered, in order, through a window of 40 slow acks.
                 first = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(30)]
-                reporters = {job: run.client.statuses.open(job) for job in first}
+                reporters = {job: run.client._statuses.open(job) for job in first}
                 for status in FULL_SEQUENCE[:5]:
                     for job in first:
                         reporters[job](status)
-                assert run.client.messages.current_depth.pending == 150
+                assert run.client.pending.pending == 150
                 await sim.wait_for(lambda: all(len(sim.stored.get(j, ())) == 6 for j in first), 30, "150 delivered")
 
                 # 2. Over the bound (400 more at once, the window still slow): the outbox never holds more
                 # than 150; what it cannot hold is reported, one event and one metric per update.
                 second = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(400)]
                 for job in second:
-                    run.client.statuses.open(job)(JobStatus.RECEIVED)
-                depth = run.client.messages.current_depth
+                    run.client._statuses.open(job)(JobStatus.RECEIVED)
+                depth = run.client.pending
                 assert depth.held == bound and depth.held + depth.wire + depth.in_flight <= bound + wire + window
             finally:
                 stop.set()
                 await slow
             sim.set_ack_delay(0.0)
-            await wait_until(lambda: run.client.messages.current_depth.pending == 0, 15, "everything answered")
+            await wait_until(lambda: run.client.pending.pending == 0, 15, "everything answered")
             dropped = [e for e in run.events_of("MESSAGE_DROPPED") if e.data["message_type"] == STATUS]
             counters = run.counters
 

@@ -21,9 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from streams.cli import main as cli_main
-from streams.recording import open_recorder
-from streams.replay import (
-    SUCCESS_FRAME,
+from streams.devtools.replay import (
     ConnectionEvent,
     Frame,
     Record,
@@ -37,6 +35,8 @@ from streams.replay import (
     replay,
     summarize,
 )
+from streams.devtools.replay.server import SUCCESS_FRAME
+from streams.recording import open_recorder
 from tests.helpers import fast_config, running_client
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,11 +16,11 @@ import pytest
 from bittensor_wallet import Keypair
 from websockets.asyncio.client import connect
 
-from streams.simulator import SUCCESS, FacilitatorSimulator
+from streams.devtools.simulator import SUCCESS, FacilitatorSimulator
 from streams.transport import CloseInfo, Transport, TransportClosed, WebSocketTransport
 
 AuthFrame = Callable[..., str]  # the auth_frame fixture
-CAPTURE = Path("/work/shared/captures/real-facilitator-session.jsonl")
+CAPTURE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "real-facilitator-session.jsonl"
 pytestmark = pytest.mark.timeout(20)
 
 NOT_AUTHENTICATED = (
@@ -87,7 +87,6 @@ def capture() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return header, records
 
 
-@pytest.mark.skipif(not CAPTURE.exists(), reason="capture not available")
 async def test_replaying_the_real_session_gives_the_real_responses(alice: Keypair, transports: list[Transport]) -> None:
     """Every Response of the captured session, byte for byte, and the same stored statuses."""
     header, records = capture()

@@ -12,7 +12,7 @@ import pytest
 from bittensor_wallet import Keypair
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from streams.simulator import SUCCESS, FacilitatorSimulator
+from streams.devtools.simulator import SUCCESS, FacilitatorSimulator
 from streams.transport import (
     CloseInfo,
     Transport,
@@ -295,13 +295,22 @@ async def test_recv_is_cancellation_safe(
     assert orjson.loads(await transport.recv())["uuid"] == job["uuid"]
 
 
-async def test_iteration_ends_with_close_info(
+async def _frames_until_closed(transport: Transport) -> list[str | bytes]:
+    frames: list[str | bytes] = []
+    while True:
+        try:
+            frames.append(await transport.recv())
+        except TransportClosed:
+            return frames
+
+
+async def test_frames_queued_before_a_close_are_read_then_close_info(
     simulator: FacilitatorSimulator, auth_frame: AuthFrame, transports: list[Transport]
 ) -> None:
     transport = await open_authenticated(simulator, auth_frame, transports)
     jobs = [await simulator.send_job_request() for _ in range(3)]
     await simulator.close(3001, "bye")
-    frames = [frame async for frame in transport]
+    frames = await _frames_until_closed(transport)
     assert [orjson.loads(f)["uuid"] for f in frames] == [job["uuid"] for job in jobs]
     assert transport.close_info is not None
     assert (transport.close_info.code, transport.close_info.reason) == (3001, "bye")
@@ -388,10 +397,10 @@ async def test_memory_refuse_then_reconnect_and_peer_close_code() -> None:
         await transport.connect()
     assert isinstance(caught.value.info.exception, ConnectionRefusedError)
     assert peer.connect_attempts == 1 and peer.connections == 0
-    peer.accept_connections = True
+    peer.refuse = False
     await transport.connect()
     await peer.close(3001)
-    assert [frame async for frame in transport] == []
+    assert await _frames_until_closed(transport) == []
     info = transport.close_info
     assert info is not None and info.code == 3001 and "facilitator" in info.reason
     await transport.connect()  # a fresh connection with fresh queues

@@ -22,7 +22,6 @@ celery and redis are optional (the ``celery`` extra): they are imported where us
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
@@ -33,7 +32,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -43,8 +42,9 @@ import reactivex
 from reactivex.abc import DisposableBase
 
 from operators import Backoff
-from streams.job_status_update_manager import JobStatusUpdateManager, Metadata, Report
-from streams.message_manager import AckOutcome
+from streams.dispatchers.base import Metadata, Report, StatusAck, StatusFeed
+from streams.dispatchers.lifecycle import IN_PROGRESS, final_status
+from streams.exceptions import DispatcherError, UsageError
 from streams.protocol import JobStatus, JobStatusMetadata, JobStatusUpdate, V2JobRequest
 from streams.safe_subject import SafeSubject
 
@@ -63,11 +63,9 @@ __all__ = [
     "DispatcherFailure",
     "StatusReporter",
     "decode_entry",
-    "dispatcher_from_args",
     "encode_entry",
     "make_celery_app",
     "play_lifecycle",
-    "register_cli",
     "report",
     "reporter_for",
     "worker_command",
@@ -84,25 +82,12 @@ ENV_QUEUE = "FACILITATOR_STREAMS_QUEUE"
 ENV_STREAM_KEY = "FACILITATOR_STREAMS_STREAM_KEY"
 ENV_STEP_DELAY = "FACILITATOR_STREAMS_STEP_DELAY"
 
-LIFECYCLE = (JobStatus.ACCEPTED, JobStatus.EXECUTOR_READY, JobStatus.VOLUMES_READY, JobStatus.EXECUTION_DONE)
-"""In-progress statuses the sample task plays before its final one."""
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-class DispatcherFailure(Exception):
-    """What ``CeleryDispatcher.failures`` emits: an operation that failed and is being retried.
-
-    ``operation`` is ``read`` (the status stream), ``ack`` (XACK), ``publish`` (a job to Celery) or
-    ``entry`` (a malformed stream entry, dropped: ``retry_in`` is None then).
-    """
-
-    def __init__(self, operation: str, error: BaseException, attempt: int, retry_in: float | None) -> None:
-        self.operation = operation
-        self.error = error
-        self.attempt = attempt
-        self.retry_in = retry_in
-        super().__init__(f"{operation}: {type(error).__name__}: {error}")
+DispatcherFailure = DispatcherError
+"""What ``CeleryDispatcher.failures`` emits (see :class:`streams.exceptions.DispatcherError`)."""
 
 
 # --------------------------------------------------------------------------- the stream entry format
@@ -162,7 +147,7 @@ class StatusReporter:
         backoff_base: float = 0.05,
         backoff_cap: float = 2.0,
     ) -> None:
-        _check_redis_url(redis_url)
+        check_redis_url(redis_url)
         self.redis_url = redis_url
         self.stream_key = stream_key
         self.retry_for = retry_for
@@ -226,26 +211,13 @@ def play_lifecycle(
 ) -> JobStatus:
     """The sample job: accepted … execution_done, then completed (``env SIMULATE=fail``: failed)."""
     job_uuid = str(raw_job["uuid"])
-    for status in LIFECYCLE:
+    for status in IN_PROGRESS:
         sleep(step_delay)
         report(job_uuid, status)
     sleep(step_delay)
-    env = raw_job.get("env") or {}
-    if isinstance(env, Mapping) and env.get("SIMULATE") == "fail":
-        report(
-            job_uuid,
-            JobStatus.FAILED,
-            {"job_failure_details": {"reason": "nonzero_exit_code", "stage": "execution",
-                                     "message": "simulated failure (env SIMULATE=fail)",
-                                     "docker_process_exit_status": 1}},
-        )
-        return JobStatus.FAILED
-    report(
-        job_uuid,
-        JobStatus.COMPLETED,
-        {"miner_response": {"docker_process_stdout": f"simulated {job_uuid}", "docker_process_stderr": ""}},
-    )
-    return JobStatus.COMPLETED
+    final, metadata = final_status(job_uuid, raw_job.get("env"))
+    report(job_uuid, final, metadata)
+    return final
 
 
 _reporters_lock = threading.Lock()
@@ -298,7 +270,7 @@ def make_celery_app(
         raise ValueError("queue must be a non-empty name")
     if step_delay < 0:
         raise ValueError(f"step_delay must be >= 0, got {step_delay!r}")
-    _check_redis_url(redis_url or broker_url)
+    check_redis_url(redis_url or broker_url)
     app = Celery("facilitator_streams", broker=broker_url, set_as_current=False)
     app.conf.update(
         task_default_queue=queue,
@@ -373,7 +345,7 @@ class CeleryDispatcher:
         if block_ms <= 0 or batch <= 0 or max_unacked <= 0 or publish_threads <= 0:
             raise ValueError("block_ms, batch, max_unacked and publish_threads must be > 0")
         self.redis_url = redis_url or broker_url
-        _check_redis_url(self.redis_url)
+        check_redis_url(self.redis_url)
         self.broker_url = broker_url
         self.queue = queue
         self.task_name = task_name
@@ -393,7 +365,7 @@ class CeleryDispatcher:
         )
         self._executor = ThreadPoolExecutor(publish_threads, thread_name_prefix="celery-publish")
 
-        self._statuses: JobStatusUpdateManager | None = None
+        self._statuses: StatusFeed | None = None
         self._acks_subscription: DisposableBase | None = None
         self._redis: redis.asyncio.Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -432,11 +404,12 @@ class CeleryDispatcher:
         """Stream entries handed to the client and not yet XACKed."""
         return len(self._inflight)
 
-    def bind(self, statuses: JobStatusUpdateManager, acks: reactivex.Observable[AckOutcome]) -> None:
+    def bind(self, feed: StatusFeed) -> None:
+        """Called by the client before start(): where to report statuses and learn they were answered."""
         if self._statuses is not None:
-            raise RuntimeError("CeleryDispatcher.bind() was already called: one dispatcher serves one client")
-        self._statuses = statuses
-        self._acks_subscription = acks.subscribe(self._on_ack)
+            raise UsageError("CeleryDispatcher.bind() was already called: one dispatcher serves one client")
+        self._statuses = feed
+        self._acks_subscription = feed.acks.subscribe(self._on_ack)
 
     async def handle(self, job: V2JobRequest, report: Report) -> None:
         """Publish the job; while the broker is unavailable, retry (the job is not lost)."""
@@ -462,9 +435,9 @@ class CeleryDispatcher:
 
     async def start(self) -> None:
         if self._statuses is None:
-            raise RuntimeError("CeleryDispatcher.start() needs bind(statuses, acks) first (the client calls it)")
+            raise UsageError("CeleryDispatcher.start() needs bind(feed) first (the client calls it)")
         if self._task is not None or self._stopped:
-            raise RuntimeError("CeleryDispatcher.start() can be called once")
+            raise UsageError("CeleryDispatcher.start() can be called once")
         import redis.asyncio
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -643,7 +616,7 @@ class CeleryDispatcher:
             ids = self._by_key.setdefault(key, deque())
             ids.append(entry_id)
             try:
-                statuses.open(update.uuid)  # re-opens a job whose stream ended (redelivery after a restart)
+                # (Re)opens the job's stream: a job whose stream ended is redelivered after a restart.
                 statuses.report(update.uuid, update.status, update.metadata)
             except BaseException:
                 # Not handed over: forget it, so that reading the pending list again retries it.
@@ -658,16 +631,13 @@ class CeleryDispatcher:
                 if len(self._finished) > 10_000:
                     self._finished.popitem(last=False)
             elif update.uuid in self._finished:
-                statuses.stop_listener(update.uuid)  # a duplicate after the final status: do not leak the stream
+                statuses.release(update.uuid)  # a duplicate after the final status: do not leak the stream
         self._update_room()
 
-    def _on_ack(self, outcome: AckOutcome) -> None:
+    def _on_ack(self, ack: StatusAck) -> None:
         """Any answer (success, duplicate, error) means the facilitator will not need it again."""
         try:
-            envelope = outcome.envelope
-            if envelope.job_uuid is None or envelope.status is None:
-                return
-            key = (envelope.job_uuid, envelope.status)
+            key = (ack.job_uuid, ack.status)
             ids = self._by_key.get(key)
             if not ids:
                 return  # an update the client reported itself (received, horde_failed)
@@ -777,7 +747,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | OperationalError | redis_down)
 
 
-def _check_redis_url(url: str) -> None:
+def check_redis_url(url: str) -> None:
     scheme = urlsplit(url).scheme
     if scheme not in _REDIS_SCHEMES:
         raise ValueError(f"the status stream needs a Redis URL (redis://HOST:PORT/DB), got {_redact(url)!r}")
@@ -793,54 +763,6 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
-# --------------------------------------------------------------------------- CLI
-
-Command = Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
-
-
-def register_cli(sub: Any) -> dict[str, Command]:
-    """Adds ``worker`` and, to ``run``, the flags of ``--dispatcher celery``."""
-    run = sub.choices.get("run")
-    if run is not None:
-        group = run.add_argument_group("--dispatcher celery (jobs run on Celery workers)")
-        group.add_argument("--broker", metavar="URL", help="Redis broker, e.g. redis://127.0.0.1:6379/0")
-        group.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue (default {DEFAULT_QUEUE})")
-        group.add_argument("--task-name", default=TASK_NAME, help=f"Celery task run per job (default {TASK_NAME})")
-        group.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream of the workers' statuses")
-        group.add_argument("--group", default=GROUP, help="consumer group reading the stream")
-        group.add_argument("--consumer", default=None,
-                           help="this client's name in the group: stable across restarts (default: host name)")
-
-    worker = sub.add_parser("worker", help="run a Celery worker that plays the sample job lifecycle")
-    worker.add_argument("--broker", required=True, metavar="URL", help="Redis broker, e.g. redis://HOST:6379/0")
-    worker.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue to consume (default {DEFAULT_QUEUE})")
-    worker.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream the statuses go to")
-    worker.add_argument("--step-delay", type=float, default=0.5, help="seconds per lifecycle step (default 0.5)")
-    worker.add_argument("--concurrency", type=int, default=8, help="jobs run at once (default 8)")
-    worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"],
-                        help="Celery worker pool (default threads: the sample job only sleeps)")
-    return {"worker": _worker}
-
-
-def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
-    """The CeleryDispatcher of ``run --dispatcher celery --broker URL --queue NAME``."""
-    from streams.cli import CliError
-
-    broker = getattr(args, "broker", None)
-    if not broker:
-        raise CliError("--dispatcher celery needs --broker URL (e.g. redis://127.0.0.1:6379/0)")
-    try:
-        return CeleryDispatcher(
-            broker, args.queue, task_name=args.task_name, stream_key=args.stream_key, group=args.group,
-            consumer=args.consumer,
-        )
-    except ImportError as exc:
-        raise CliError(f"--dispatcher celery needs the celery extra (pip install 'facilitator-streams[celery]'): "
-                       f"{exc}") from None
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-
-
 def worker_command(
     broker: str,
     queue: str,
@@ -853,37 +775,9 @@ def worker_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The plain ``celery ... worker`` command (argv, extra environment) that ``worker`` runs."""
     argv = [
-        sys.executable, "-m", "celery", "-A", "streams.celery_worker", "worker",
+        sys.executable, "-m", "celery", "-A", "streams.dispatchers.celery.app", "worker",
         "--queues", queue, "--pool", pool, "--concurrency", str(concurrency), "--loglevel", log_level,
         "--hostname", f"facilitator-streams-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
     ]
     env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay)}
     return argv, env
-
-
-async def _worker(args: argparse.Namespace) -> None:
-    """Replace this process with the Celery worker: Celery then owns signals (SIGTERM: warm shutdown)."""
-    from streams.cli import CliError
-
-    if args.step_delay < 0:
-        raise CliError(f"--step-delay must be >= 0, got {args.step_delay}")
-    if args.concurrency < 1:
-        raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
-    try:
-        _check_redis_url(args.broker)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    try:
-        import celery  # noqa: F401
-        import redis  # noqa: F401
-    except ImportError as exc:
-        raise CliError(
-            f"the worker needs the celery extra (pip install 'facilitator-streams[celery]'): {exc}"
-        ) from None
-    argv, env = worker_command(
-        args.broker, args.queue, step_delay=args.step_delay, concurrency=args.concurrency, pool=args.pool,
-        stream_key=args.stream_key, log_level=args.log_level,
-    )
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, argv, {**os.environ, **env})

@@ -1,65 +1,28 @@
-"""Command line: ``python -m streams run|simulate|demo|replay``.
-
-Expected failures (bad flags, unreadable wallets, malformed URLs, corrupt recordings) end with a
-one-line ``error: ...`` on stderr and exit status 2, never a traceback. SIGINT and SIGTERM cancel
-the client, whose teardown drains for at most ``cancel_drain_timeout`` and exits within 2 s.
-"""
+"""``python -m streams run``: the client against a facilitator until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib
 import logging
-import signal
-import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 
-from streams.config import ClientConfig, ConfigError
+from streams.cli.common import CliError, Command, host_port, positive, run_until_signalled
+from streams.config import ClientConfig
+from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
 from streams.events import SystemEvent
-from streams.job_dispatcher import CallbackDispatcher, Dispatcher, SimulatedDispatcher
+from streams.exceptions import ConfigError, RecordingError
+
+__all__ = ["EventFile", "load_dispatcher", "load_signer", "register"]
 
 log = logging.getLogger("streams")
 
-EXIT_USAGE = 2
 
-
-class CliError(Exception):
-    """An expected failure: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-def _positive(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
-    return number
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m streams", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def register(sub: Any) -> dict[str, Command]:
     run = sub.add_parser("run", help="run the client against a facilitator until SIGINT/SIGTERM")
     run.add_argument("--url", required=True, help="facilitator URL, e.g. ws://127.0.0.1:8765/ws/v0/")
     keys = run.add_argument_group("validator hotkey (one of)")
@@ -69,17 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
     run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
     run.add_argument("--step-delay", type=float, default=0.5, help="simulated dispatcher: seconds per step")
-    run.add_argument("--heartbeat-period", type=_positive, default=60.0)
-    run.add_argument("--ping-interval", type=_positive, default=20.0)
-    run.add_argument("--ping-timeout", type=_positive, default=20.0)
-    run.add_argument("--backoff-base", type=_positive, default=1.0)
-    run.add_argument("--backoff-cap", type=_positive, default=60.0)
-    run.add_argument("--statsd", type=_host_port, metavar="HOST:PORT", help="send metrics to statsd")
+    run.add_argument("--heartbeat-period", type=positive, default=60.0)
+    run.add_argument("--ping-interval", type=positive, default=20.0)
+    run.add_argument("--ping-timeout", type=positive, default=20.0)
+    run.add_argument("--backoff-base", type=positive, default=1.0)
+    run.add_argument("--backoff-cap", type=positive, default=60.0)
+    run.add_argument("--statsd", type=host_port, metavar="HOST:PORT", help="send metrics to statsd")
     run.add_argument("--events", type=Path, metavar="FILE", help="append SystemEvents as JSON lines")
     run.add_argument("--record", type=Path, metavar="FILE", help="record the traffic as JSONL")
     run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    _register_extra_commands(sub)
-    return parser
+    from streams.cli import worker
+
+    worker.add_run_flags(run)
+    return {"run": _run}
 
 
 def load_signer(args: argparse.Namespace) -> Any:
@@ -106,7 +71,7 @@ def load_signer(args: argparse.Namespace) -> Any:
 
 def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | None = None) -> Dispatcher:
     if spec == "celery" and args is not None:
-        from streams.celery import dispatcher_from_args
+        from streams.cli.worker import dispatcher_from_args
 
         return dispatcher_from_args(args)
     if spec == "simulated":
@@ -157,28 +122,6 @@ class EventFile:
             self._file.close()
 
 
-async def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` in a task that SIGINT/SIGTERM cancel (its teardown then runs)."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(main())
-
-    def cancel_once() -> None:
-        # A second Ctrl-C must not cut the (bounded) teardown short and leave tasks behind.
-        if not task.cancelling():
-            task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, cancel_once)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
 async def _run(args: argparse.Namespace) -> None:
     from streams.client import FacilitatorClient
 
@@ -202,7 +145,10 @@ async def _run(args: argparse.Namespace) -> None:
     if args.record:
         from streams.recording import open_recorder
 
-        recorder, transport = open_recorder(args.record, config)
+        try:
+            recorder, transport = open_recorder(args.record, config)
+        except RecordingError as exc:
+            raise CliError(f"--record: {exc}") from None
     client = FacilitatorClient(config, signer=signer, dispatcher=dispatcher, transport=transport)
     events = EventFile(args.events) if args.events else None
     if events is not None:
@@ -217,34 +163,3 @@ async def _run(args: argparse.Namespace) -> None:
             await recorder.aclose()
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {"run": _run}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        asyncio.run(COMMANDS[args.command](args))
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-def _register_extra_commands(sub: Any) -> None:
-    """Subcommands that live in their own modules (simulator, demo, replay) add themselves here."""
-    for module_name in ("streams.simulator_cli", "streams.demo", "streams.replay", "streams.celery"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            COMMANDS.update(register(sub))

@@ -1,13 +1,34 @@
-"""An owner for short-lived tasks: every task it starts is awaited or cancelled by ``aclose()``."""
+"""One lifecycle for every component, and an owner for the short-lived tasks they start.
+
+Every component of the client (ConnectionManager, MessageManager, HeartbeatManager,
+SpecUpdateManager, JobStatusUpdateManager, JobDispatcher, CheatReportHandler, PerformanceMonitor)
+is a :class:`Component`: ``await start()`` once, ``await stop()`` once. The client starts them in
+dependency order and registers each ``stop`` on an ``AsyncExitStack`` as it goes, so teardown runs
+in reverse order by construction. A component that runs a loop owns its task: ``start()`` creates
+it, ``stop()`` cancels and awaits it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+from streams.exceptions import UsageError
+
+__all__ = ["Component", "TaskOwner"]
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Component(Protocol):
+    """``start()`` once, then ``stop()`` once; ``stop()`` also works on a component never started."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class TaskOwner:
@@ -29,7 +50,7 @@ class TaskOwner:
     def start(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         if self._closed:
             coro.close()
-            raise RuntimeError(f"{self._name} is closed; cannot start {name}")
+            raise UsageError(f"{self._name} is closed; cannot start {name}")
         task = asyncio.get_running_loop().create_task(coro, name=f"{self._name}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -46,12 +67,6 @@ class TaskOwner:
             else:
                 log.error("task %s failed", task.get_name(), exc_info=exc)
 
-    async def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the current tasks to finish by themselves; False on timeout."""
-        if not self._tasks:
-            return True
-        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        return not pending
 
     async def aclose(self) -> None:
         """Cancel every task and wait until each has finished."""

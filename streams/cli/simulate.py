@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Coroutine
 from typing import Any
 
-from streams.simulator import FacilitatorSimulator, serve_forever
+from streams.cli.common import CliError, Command, run_until_signalled
+from streams.devtools.simulator import FacilitatorSimulator, serve_forever
+
+__all__ = ["register"]
 
 
-def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]]:
+def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser("simulate", help="run a protocol-faithful facilitator simulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
@@ -24,8 +26,6 @@ def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine
 
 
 async def _simulate(args: argparse.Namespace) -> None:
-    from streams.cli import CliError, run_until_signalled
-
     if args.jobs < 0 or args.job_interval < 0 or args.ack_delay < 0:
         raise CliError("--jobs, --job-interval and --ack-delay must be >= 0")
     if not 0 <= args.port < 65536:

@@ -2,8 +2,8 @@
 
 Why: an incident is only debuggable if what went over the wire is known exactly. The recorder
 taps the transport (:class:`RecordingTransport`), so it sees every frame and connection change
-whatever the layers above do, and writes them in the capture format of
-``/work/shared/captures`` (one header line, then one record per line)::
+whatever the layers above do, and writes them in the capture format of the real facilitator's
+captures (:mod:`streams.recording.format`; one header line, then one record per line)::
 
     {"format": "facilitator-capture", "version": 1, "captured_at": "...", "source": "...", "client_version": "..."}
     {"t": 0.0123, "conn": 1, "event": "open"}
@@ -33,19 +33,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Final, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from streams.exceptions import RecordingError
+from streams.recording.format import FORMAT, VERSION
 from streams.transport import CloseInfo, Transport, TransportClosed, WebSocketTransport
 
 if TYPE_CHECKING:
     from streams.config import ClientConfig
 
 __all__ = [
-    "FORMAT",
-    "VERSION",
     "Recorder",
     "RecorderStats",
     "RecordingTransport",
@@ -54,8 +54,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT: Final = "facilitator-capture"
-VERSION: Final = 1
 
 Direction = Literal["in", "out"]
 
@@ -430,6 +428,9 @@ class RecordingTransport(Transport):
         self.inner.abort()
         self._record_close(self.inner.close_info)
 
+    async def wait_closed(self) -> None:
+        await self.inner.wait_closed()
+
     def is_connected(self) -> bool:
         return self.inner.is_connected()
 
@@ -448,7 +449,7 @@ def open_recorder(
     """For ``--record FILE``: a recorder on ``path`` and a transport that records into it.
 
     ``inner`` is the transport to tap; by default the client's WebSocketTransport built from
-    ``config``. Raises ``streams.cli.CliError`` if the file cannot be opened.
+    ``config``. Raises :class:`~streams.exceptions.RecordingError` if the file cannot be opened.
     """
     header: dict[str, Any] = {"url": _sanitized_url(config.url)}
     if config.validator_version is not None:
@@ -458,9 +459,7 @@ def open_recorder(
     try:
         recorder = Recorder(path, header=header, on_error=on_error)
     except OSError as exc:
-        from streams.cli import CliError
-
-        raise CliError(f"cannot open --record file {path}: {exc.strerror or exc}") from None
+        raise RecordingError(f"cannot open recording file {path}: {exc.strerror or exc}") from None
     if inner is None:
         inner = WebSocketTransport.from_config(config)
     return recorder, RecordingTransport(inner, recorder)

@@ -1,4 +1,4 @@
-"""The Celery app a worker host runs: ``celery -A streams.celery_worker worker --queues NAME``.
+"""The Celery app a worker host runs: ``celery -A streams.dispatchers.celery.app worker --queues NAME``.
 
 Configured from the environment, because ``celery -A`` imports a module and takes its ``app``:
 ``FACILITATOR_STREAMS_BROKER`` (default redis://127.0.0.1:6379/0), ``FACILITATOR_STREAMS_QUEUE``,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from streams.celery import (
+from streams.dispatchers.celery import (
     DEFAULT_BROKER,
     DEFAULT_QUEUE,
     ENV_BROKER,
@@ -21,6 +21,8 @@ from streams.celery import (
     STREAM_KEY,
     make_celery_app,
 )
+
+__all__ = ["app"]
 
 app: Any = make_celery_app(
     os.environ.get(ENV_BROKER) or DEFAULT_BROKER,

@@ -9,7 +9,6 @@ names the recording it wrote (replay it with ``python -m streams replay FILE`` o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -17,9 +16,8 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,24 +25,17 @@ from bittensor_wallet import Keypair
 
 from streams.client import FacilitatorClient
 from streams.config import ClientConfig
+from streams.devtools.simulator import FacilitatorSimulator
+from streams.dispatchers.lifecycle import FAIL_ENV, IN_PROGRESS
+from streams.dispatchers.simulated import SimulatedDispatcher
 from streams.events import ConnectionState, EventType, SystemEvent
-from streams.job_dispatcher import SimulatedDispatcher
-from streams.simulator import FacilitatorSimulator
 
-EXPECTED = ["sent", "received", "accepted", "executor_ready", "volumes_ready", "execution_done"]
+__all__ = ["EXPECTED", "DemoResult", "print_summary", "run_demo"]
+
+EXPECTED = ["sent", "received", *(status.value for status in IN_PROGRESS)]
+"""What the facilitator stores for every demo job before its final status (``sent`` is its own)."""
 
 
-def register_cli(sub: Any) -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]]:
-    parser = sub.add_parser("demo", help="the simulator and a client, with a live view and a summary")
-    parser.add_argument("--jobs", type=int, default=50, help="job requests the facilitator sends (default 50)")
-    parser.add_argument("--duration", type=float, default=45.0, help="give up after this many seconds")
-    parser.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
-                        help="inject drops, close codes, a stall and an auth refusal (default on)")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--step-delay", type=float, default=0.15, help="simulated job step delay")
-    parser.add_argument("--record", type=Path, default=None,
-                        help="recording file (default recordings/demo-<time>.jsonl)")
-    return {"demo": _demo}
 
 
 @dataclass
@@ -124,7 +115,7 @@ async def run_demo(
             with contextlib.suppress(TimeoutError):
                 await sim.wait_for(lambda: _finished(sim) >= jobs, max(1.0, duration - (time.monotonic() - started)))
             with contextlib.suppress(TimeoutError):  # let the last acknowledgements arrive
-                await asyncio.wait_for(_until(lambda: client.messages.current_depth.pending == 0), 5)
+                await asyncio.wait_for(_until(lambda: client.pending.pending == 0), 5)
         finally:
             if view_task is not None:
                 view_task.cancel()
@@ -159,18 +150,18 @@ async def _script(
     kinds = ["drop", "close", "stall", "drop"]
     sent: list[str] = []
     for n in range(jobs):
-        overrides: dict[str, Any] = {"env": {"SIMULATE": "fail"}} if n % 17 == 16 else {}
+        overrides: dict[str, Any] = {"env": dict([FAIL_ENV])} if n % 17 == 16 else {}
         job = await sim.send_job_request(None, **overrides)
         sent.append(job["uuid"])
         if n in (3, jobs // 2):
             await sim.send_cheat_report(sent[0])
         if n in (7, jobs - 3):
-            await sim.wait_for(lambda: client.connection.is_connected, 10, "connected before garbage")
+            await sim.wait_for(lambda: client.is_connected, 10, "connected before garbage")
             with contextlib.suppress(RuntimeError):  # the connection may just have died
                 await sim.send_raw('{"message_type": "V2JobRequest", "uuid": 42}' if n == 7 else "{garbled")
         if n in fault_at and sim.open_connections:
             kind = kinds.pop(0)
-            await sim.wait_for(lambda: client.connection.is_connected, 10, "connected before a fault")
+            await sim.wait_for(lambda: client.is_connected, 10, "connected before a fault")
             before = sim.authenticated_connections
             try:
                 if kind == "drop":
@@ -262,7 +253,7 @@ class _LiveView:
         width = max(20, min(50, shutil.get_terminal_size((80, 24)).columns - 40))
         done = _finished(self._sim)
         filled = int(width * done / max(1, self._jobs))
-        depth = self._client.messages.current_depth
+        depth = self._client.pending
         counters = self._client.metrics.snapshot()["counters"]
         colour = {"connected": "32", "connecting": "33", "authenticating": "33"}.get(self._state.value, "31")
         lines = [
@@ -306,33 +297,3 @@ def print_summary(result: DemoResult, out: TextIO = sys.stdout) -> None:
         out.write(f"{name:<{width}}  {value}\n")
     out.write("\nOK: nothing lost, nothing reordered.\n" if result.ok else "\nFAILED: see above.\n")
     out.flush()
-
-
-async def _demo(args: argparse.Namespace) -> None:
-    from streams.cli import CliError, run_until_signalled
-
-    if args.jobs < 1:
-        raise CliError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.duration <= 0 or args.step_delay < 0:
-        raise CliError("--duration must be > 0 and --step-delay >= 0")
-    record: Path = args.record or Path("recordings") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl"
-    if args.record is None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-    outcome: list[DemoResult] = []
-
-    async def main() -> None:
-        outcome.append(
-            await run_demo(
-                jobs=args.jobs, duration=args.duration, faults=args.faults, seed=args.seed,
-                step_delay=args.step_delay, record=record,
-            )
-        )
-
-    print(f"demo: {args.jobs} jobs, faults {'on' if args.faults else 'off'}, seed {args.seed}; Ctrl-C stops it")
-    await run_until_signalled(main)
-    if not outcome:
-        print("demo interrupted", file=sys.stderr)
-        return
-    print_summary(outcome[0])
-    if not outcome[0].ok:
-        raise CliError("the demo lost or reordered status updates")

@@ -1,0 +1,118 @@
+"""Every error the library raises on purpose, in one hierarchy.
+
+Catch :class:`StreamsError` for "anything facilitator-streams refused or could not do". Like
+websockets' own exceptions, the ones that mean misuse or bad input also subclass the built-in a
+caller would expect (``ValueError`` for bad values, ``RuntimeError`` for a call at the wrong time),
+so ``except ValueError`` keeps working. Only the CLI turns these into ``error: ...`` lines and exit
+codes; the library never prints or exits.
+
+    StreamsError
+    ├── ConfigError (ValueError)          a ClientConfig field out of range or malformed
+    ├── UsageError (RuntimeError)         start() twice, publish after stop(), ...
+    ├── DecodeError (ValueError)          a frame that is not a valid message
+    ├── TransportError                    what happened to a connection (``info``)
+    │   ├── TransportConnectError         connect() failed
+    │   └── TransportClosed               send()/recv() on an ended connection
+    ├── RecordingError                    a recording that cannot be written
+    ├── ReplayError (ValueError)          a recording that cannot be read (file, line, problem)
+    ├── DispatcherError                   a dispatcher backend operation failed (retried)
+    └── JournalError                      a journal file that cannot be used (file, way out)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.transport.base import CloseInfo
+
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "DispatcherError",
+    "JournalError",
+    "RecordingError",
+    "ReplayError",
+    "StreamsError",
+    "TransportClosed",
+    "TransportConnectError",
+    "TransportError",
+    "UsageError",
+]
+
+
+class StreamsError(Exception):
+    """Base of every error facilitator-streams raises on purpose."""
+
+
+class ConfigError(StreamsError, ValueError):
+    """A configuration value is out of range or malformed; the message names the field."""
+
+
+class UsageError(StreamsError, RuntimeError):
+    """A call at the wrong time: start() twice, publish after stop(), a component used before start()."""
+
+
+class DecodeError(StreamsError, ValueError):
+    """A frame that is not a valid message; says what was wrong and shows the start of the frame."""
+
+    def __init__(self, reason: str, excerpt: str = "") -> None:
+        super().__init__(reason, excerpt)
+        self.reason = reason
+        self.excerpt = excerpt
+
+    def __str__(self) -> str:
+        return f"{self.reason}; frame: {self.excerpt!r}" if self.excerpt else self.reason
+
+
+class TransportError(StreamsError):
+    """Base of the transport's errors; ``info`` says what happened to the connection."""
+
+    def __init__(self, info: CloseInfo) -> None:
+        super().__init__(info.describe())
+        self.info = info
+
+
+class TransportConnectError(TransportError):
+    """connect() failed: refused, unreachable, handshake rejected, or open timeout."""
+
+
+class TransportClosed(TransportError):
+    """send()/recv() on a connection that has ended; ``info`` says why it ended."""
+
+
+class RecordingError(StreamsError):
+    """A recording that cannot be opened for writing."""
+
+
+class ReplayError(StreamsError, ValueError):
+    """A recording that cannot be used: says which file, which line and what is wrong."""
+
+    def __init__(self, path: str | Path | None, line: int | None, problem: str) -> None:
+        where = str(path) if path is not None else "recording"
+        if line is not None:
+            where += f": line {line}"
+        super().__init__(f"{where}: {problem}")
+        self.path = path
+        self.line = line
+        self.problem = problem
+
+
+class DispatcherError(StreamsError):
+    """A dispatcher backend operation that failed and is being retried (e.g. Redis unavailable).
+
+    ``operation`` names what failed (for the Celery dispatcher: ``read``, ``ack``, ``publish``,
+    ``entry``); ``retry_in`` is the delay before the next attempt, None when it is not retried.
+    """
+
+    def __init__(self, operation: str, error: BaseException, attempt: int, retry_in: float | None) -> None:
+        self.operation = operation
+        self.error = error
+        self.attempt = attempt
+        self.retry_in = retry_in
+        super().__init__(f"{operation}: {type(error).__name__}: {error}")
+
+
+class JournalError(StreamsError):
+    """A journal file that cannot be used; the message names the file and the way out."""
