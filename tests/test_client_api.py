@@ -120,7 +120,7 @@ async def test_a_job_status_stream_ends_at_its_first_final_status() -> None:
             # one would have been stored too.
             marker = "ad3f2f0e-3c1e-4c61-9d6b-1e2f3a4b5c6d"
             sim.register_job(marker)
-            assert run.client.statuses.open(marker)(JobStatus.RECEIVED)
+            assert run.client._statuses.open(marker)(JobStatus.RECEIVED)
             await sim.wait_for(lambda: sim.stored[marker] == ["sent", "received"], 5, "the later update stored")
             assert sim.stored[job_uuid] == ["sent", "received", "rejected"]
             assert sim.stored[other] == ["sent"]
