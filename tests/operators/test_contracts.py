@@ -12,7 +12,7 @@ import random
 from typing import Any
 
 import pytest
-from reactivex import Observable, defer, never, timer
+from reactivex import Observable, defer, never, of, timer
 from reactivex import operators as ops
 from reactivex.subject import BehaviorSubject, Subject
 from reactivex.testing import ReactiveTest, TestScheduler
@@ -309,3 +309,20 @@ def test_connect_after_dispose_subscribes_the_source_again() -> None:
     assert parts.connect() is second
     second.dispose()
     assert not source.observers
+
+
+def test_after_a_failure_key_of_is_not_called_for_the_items_a_synchronous_source_still_emits() -> None:
+    seen: list[str] = []
+
+    def key_of(item: str) -> str:
+        seen.append(item)
+        return item.lower()
+
+    parts = partition_by(of("a", "Z", "b"), key_of, ["a", "b"])  # "Z": no such branch, no default
+    items: list[str] = []
+    errors: list[Exception] = []
+    parts["a"].subscribe(items.append, errors.append)
+    parts["b"].subscribe(items.append, errors.append)
+    parts.connect()
+    assert items == ["a"] and len(errors) == 2
+    assert seen == ["a", "Z"]  # "b" arrived after the branches had failed: ignored, not even keyed
