@@ -571,6 +571,15 @@ async def test_unanswered_updates_are_requeued_first_in_order_after_a_disconnect
 # -- depth and close ------------------------------------------------------------------------------------
 
 
+def test_depth_is_published_at_once_when_fed_outside_the_event_loop() -> None:
+    box = make_outbox()
+    asyncio.run(box.messages.start())  # the loop ends (and cancels the send loop); the pipeline stays wired
+    box.enqueue(spec(1), spec(2))
+    size = len(envelope_of(spec(1), 0.0).frame)
+    assert box.depths == [Depth(0, 0, 0, 0), Depth(1, size, 0, 0), Depth(2, 2 * size, 0, 0)]
+    assert box.messages.task is not None and box.messages.task.cancelled()
+
+
 async def test_a_release_publishes_the_depth_once_and_it_ends_exact() -> None:
     async with running() as box:
         box.enqueue(*(spec(n) for n in range(5)))
@@ -593,5 +602,6 @@ async def test_stop_reports_the_wire_queue_and_the_outbox_as_disposed_and_comple
     box.enqueue(spec(1), spec(2), spec(3))  # two on the wire queue, one held
     await box.messages.stop()
     assert box.messages.task is not None and box.messages.task.done()
+    assert box.messages.task.get_name() == "facilitator-send-loop"  # what a task dump or leak report shows
     assert sorted(box.drops()) == [("spec1", "disposed"), ("spec2", "disposed"), ("spec3", "disposed")]
     assert sorted(completed) == ["depth", "sent"]
