@@ -605,3 +605,12 @@ async def test_stop_reports_the_wire_queue_and_the_outbox_as_disposed_and_comple
     assert box.messages.task.get_name() == "facilitator-send-loop"  # what a task dump or leak report shows
     assert sorted(box.drops()) == [("spec1", "disposed"), ("spec2", "disposed"), ("spec3", "disposed")]
     assert sorted(completed) == ["depth", "sent"]
+
+
+async def test_stop_without_start_completes_the_observables() -> None:
+    box = make_outbox()
+    completed: list[str] = []
+    box.messages.dropped.subscribe(on_completed=lambda: completed.append("dropped"))
+    await box.messages.stop()
+    assert box.messages.task is None
+    assert completed == ["dropped"]

@@ -1,10 +1,11 @@
 """The mutation score of the last ``mutmut run``: one line per file, then the total (``make mutate``).
 
 Reads mutmut's per-file results (``mutants/**/*.py.meta``) and the reviewed list of equivalent
-mutants (``tests/mutation/equivalent.txt``: a mutant name, then a one-line reason why no test can
-tell it from the original). An equivalent mutant that survived counts in neither K nor N. An entry
-that no longer matches a surviving mutant (the source changed and the numbering moved, or a test
-now kills it) is reported as stale and excluded from nothing, so the score never flatters.
+mutants (``tests/mutation/equivalent.txt``: ``NAME :: MUTATED LINE :: REASON``). An equivalent mutant
+that survived counts in neither K nor N. An entry whose mutant was killed, or whose diff no longer
+has that mutated line (the source changed and mutmut renumbered the function's mutants), is reported
+as stale and excludes nothing, so the score never flatters. Run from anywhere; it reads ``mutants/``
+of the repository it lives in.
 
 Usage: python tests/mutation/score.py [--survivors] [--fail-under PERCENT]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,17 +29,24 @@ SURVIVED = {0}
 
 
 def load_equivalent(path: Path) -> dict[str, str]:
-    """Mutant name -> reason; blank lines and ``#`` comments are skipped, a missing reason is an error."""
+    """Mutant name -> its mutated line; blank lines and ``#`` comments are skipped."""
     entries: dict[str, str] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        if not line.strip() or line.startswith("#"):
             continue
-        name, _, reason = line.partition(" ")
-        if not reason.strip():
-            raise SystemExit(f"error: {path.name} line {number}: {name} has no reason")
-        entries[name] = reason.strip()
+        parts = [part.strip() for part in line.split(" :: ")]
+        if len(parts) < 3 or not all(parts):
+            raise SystemExit(f"error: {path.name} line {number}: expected `NAME :: MUTATED LINE :: REASON`")
+        entries[parts[0]] = parts[1]
     return entries
+
+
+def mutated_lines(name: str, source: Path) -> set[str]:
+    """The added lines of a mutant's diff, stripped (mutmut's own diff of the generated function)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    diff = get_diff_for_mutant(name, path=source)
+    return {line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-under", type=float, default=None, help="exit 1 if any file scores below this")
     args = parser.parse_args(argv)
 
+    os.chdir(ROOT)  # mutmut's helpers read mutants/ relative to the working directory
     metas = sorted(MUTANTS.rglob("*.py.meta"))
     if not metas:
         print("error: no mutmut results in mutants/: run `make mutate` first", file=sys.stderr)
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, code in results.items():
             if code in KILLED:
                 counts["killed"] += 1
-            elif code in SURVIVED and name in equivalent:
+            elif code in SURVIVED and name in equivalent and equivalent[name] in mutated_lines(name, source):
                 counts["equivalent"] += 1
                 used.add(name)
             elif code in SURVIVED:
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         total_killed += counts["killed"]
         total_counted += counted
     for name in sorted(set(equivalent) - used):
-        print(f"stale entry in {EQUIVALENT.name} (no such surviving mutant): {name}", file=sys.stderr)
+        print(f"stale entry in {EQUIVALENT.name} (no surviving mutant with that line): {name}", file=sys.stderr)
     if args.survivors:
         for name in survivors:
             print(f"  survived: {name}")
