@@ -26,7 +26,7 @@ from streams.connection_manager import (
 )
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
-from streams.exceptions import DecodeError
+from streams.exceptions import DecodeError, DispatcherError
 from streams.job_dispatcher import JobDispatcher, JobFailure
 from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
 from streams.metrics import Metrics
@@ -271,13 +271,13 @@ class PerformanceMonitor:
             job_uuid=failure.job_uuid, exception=type(failure.error).__name__, message=str(failure.error)[:500],
         )
 
-    def _on_dispatcher_failure(self, failure: Exception) -> None:
-        operation = str(getattr(failure, "operation", "dispatcher"))
+    def _on_dispatcher_failure(self, failure: DispatcherError) -> None:
+        operation = failure.operation
         self.metrics.incr(f"dispatcher.failures.{operation}")
-        retry_in = getattr(failure, "retry_in", None)
+        retry_in = failure.retry_in
         self.emit(
             EventType.DISPATCHER_FAILED, operation, f"dispatcher {operation} failed: {failure}",
-            operation=operation, exception=type(getattr(failure, "error", failure)).__name__,
+            operation=operation, exception=type(failure.error).__name__,
             message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
         )
 

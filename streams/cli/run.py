@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from streams.cli.common import CliError, Command, host_port, positive, run_until_signalled
+from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.config import ClientConfig
 from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
 from streams.events import SystemEvent
@@ -31,7 +31,7 @@ def register(sub: Any) -> dict[str, Command]:
     keys.add_argument("--wallet-hotkey")
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
     run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
-    run.add_argument("--step-delay", type=float, default=0.5, help="simulated dispatcher: seconds per step")
+    run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
     run.add_argument("--heartbeat-period", type=positive, default=60.0)
     run.add_argument("--ping-interval", type=positive, default=20.0)
     run.add_argument("--ping-timeout", type=positive, default=20.0)
@@ -75,8 +75,6 @@ def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | Non
 
         return dispatcher_from_args(args)
     if spec == "simulated":
-        if step_delay < 0:
-            raise CliError(f"--step-delay must be >= 0, got {step_delay}")
         return SimulatedDispatcher(step_delay)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
