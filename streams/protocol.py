@@ -402,7 +402,12 @@ class ResponseError(BaseModel, extra="allow"):
 
 
 class Response(BaseModel):
-    """The facilitator's answer; it has no id: the n-th Response answers the n-th message expecting one."""
+    """The facilitator's answer; it has no id: the n-th Response answers the n-th message expecting one.
+
+    Frozen: the success Response is one shared instance (see `decode`).
+    """
+
+    model_config = ConfigDict(frozen=True)
 
     status: Literal["success", "error"]
     errors: list[ResponseError] = Field(default_factory=list)
@@ -758,6 +763,13 @@ def encode(message: OutboundMessage | InboundMessage) -> str:
     return orjson.dumps(message.model_dump(mode="json")).decode()
 
 
+_SUCCESS_FRAME: Final = '{"status":"success","errors":[]}'
+"""The success Response exactly as the real facilitator writes it (notebooks/data/real-facilitator-session.jsonl)."""
+_SUCCESS_FRAME_BYTES: Final = _SUCCESS_FRAME.encode()
+_SUCCESS: Final = Response(status="success")
+"""Shared by every decoded success frame: Response is frozen, and nothing appends to its empty ``errors``."""
+
+
 def decode(frame: str | bytes, max_bytes: int = MAX_FRAME_BYTES) -> InboundMessage:
     """Parse a facilitator frame into a Response, V2JobRequest or V0JobCheated.
 
@@ -765,6 +777,10 @@ def decode(frame: str | bytes, max_bytes: int = MAX_FRAME_BYTES) -> InboundMessa
     reported by the caller, never allowed to end the client. ``max_bytes`` is the client's
     ``ClientConfig.max_frame_bytes`` (the transport enforces it too).
     """
+    if frame == _SUCCESS_FRAME or frame == _SUCCESS_FRAME_BYTES:
+        # The overwhelming case (one per status update): an exact compare instead of JSON parsing
+        # and validation. Any other spelling of success takes the general path below.
+        return _SUCCESS
     try:
         obj = _load_object(frame, max_bytes)
         message_type = obj.get("message_type")
