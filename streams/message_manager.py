@@ -48,7 +48,14 @@ from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
 from streams.exceptions import InvalidSpecs, MessageRefused, MessageTooLarge, TransportClosed, UsageError
 from streams.journal import Journal, PendingUpdate
-from streams.protocol import OutboundMessage, Response, V0MachineSpecsUpdate, encode, validate_specs
+from streams.protocol import (
+    EncodedStatusUpdate,
+    OutboundMessage,
+    Response,
+    V0MachineSpecsUpdate,
+    encode,
+    validate_specs,
+)
 
 __all__ = [
     "HEARTBEAT_KIND",
@@ -167,6 +174,8 @@ def _is_connected(state: ConnectionState) -> bool:
 
 
 def envelope_of(message: OutboundMessage, now: float) -> Envelope:
+    if type(message) is EncodedStatusUpdate:  # the hot path: checked and encoded at report()
+        return Envelope(STATUS_KIND, message.frame, HoldPolicy.KEEP_ALL, now, message.uuid, message.status.value)
     kind = message.message_type
     policy = POLICIES.get(kind)
     if policy is None:

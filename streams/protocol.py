@@ -39,6 +39,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "CpuSpecs",
     "DecodeError",
+    "EncodedStatusUpdate",
     "GpuDetailsSpecs",
     "GpuSpecs",
     "HardDiskSpecs",
@@ -84,6 +85,7 @@ __all__ = [
     "decode",
     "decode_outbound",
     "encode",
+    "encoded_status_update",
     "excerpt",
     "message_kind",
     "validate_specs",
@@ -388,7 +390,63 @@ class JobStatusUpdate(_Outbound):
         )
 
 
-OutboundMessage: TypeAlias = V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate
+_EMPTY_METADATA: Final = JobStatusMetadata()
+_STATUS_OF: Final[dict[str, JobStatus]] = {status.value: status for status in JobStatus}
+
+
+class EncodedStatusUpdate:
+    """A status update without metadata, checked and encoded once, without a pydantic model.
+
+    The common case of ``report(status)`` (no metadata): the hot path builds no model for it, and
+    its frame is byte-for-byte what `encode` writes for the equal JobStatusUpdate. Build it with
+    `encoded_status_update`, which checks what JobStatusUpdate's validators check.
+    """
+
+    __slots__ = ("frame", "status", "uuid")
+    message_type: Final = "V0JobStatusUpdate"
+
+    def __init__(self, uuid: str, status: JobStatus, frame: str) -> None:
+        self.uuid = uuid
+        self.status = status
+        self.frame = frame
+
+    @property
+    def metadata(self) -> JobStatusMetadata | None:
+        """As on the equal JobStatusUpdate: `{}` where the facilitator needs metadata, else None."""
+        return _EMPTY_METADATA if self.status in _METADATA_REQUIRED else None
+
+    def to_model(self) -> JobStatusUpdate:
+        return JobStatusUpdate(uuid=self.uuid, status=self.status, metadata=self.metadata)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EncodedStatusUpdate):
+            return self.frame == other.frame
+        if isinstance(other, JobStatusUpdate):
+            return self.to_model() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.frame)
+
+    def __repr__(self) -> str:
+        return f"EncodedStatusUpdate(uuid={self.uuid!r}, status={self.status.value!r})"
+
+
+def encoded_status_update(uuid: object, status: object) -> EncodedStatusUpdate | None:
+    """The metadata-less update of job ``uuid``, or None when ``uuid``/``status`` need the full
+    validation (which then gives the error): a str uuid the facilitator can parse, a JobStatus value."""
+    member = _STATUS_OF.get(status) if isinstance(status, str) else None
+    if member is None or type(uuid) is not str or _UUID_RE.fullmatch(uuid) is None:
+        return None
+    # The uuid is ASCII hex and dashes and the status an enum value: nothing in either needs escaping.
+    metadata = "{}" if member in _METADATA_REQUIRED else "null"
+    frame = f'{{"message_type":"V0JobStatusUpdate","uuid":"{uuid}","status":"{member.value}","metadata":{metadata}}}'
+    return EncodedStatusUpdate(uuid, member, frame)
+
+
+OutboundMessage: TypeAlias = (
+    V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate | EncodedStatusUpdate
+)
 
 # --------------------------------------------------------------------------- inbound
 
@@ -728,7 +786,8 @@ def excerpt(frame: object) -> str:
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_OUTBOUND_TYPES: Final[dict[str, type[OutboundMessage]]] = {
+_OutboundModel: TypeAlias = V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate
+_OUTBOUND_TYPES: Final[dict[str, type[_OutboundModel]]] = {
     "V0AuthenticationRequest": V0AuthenticationRequest,
     "V0Heartbeat": V0Heartbeat,
     "V0MachineSpecsUpdate": V0MachineSpecsUpdate,
@@ -748,6 +807,8 @@ def encode(message: OutboundMessage | InboundMessage) -> str:
     Inside status metadata, unset (None) keys are omitted; a top-level `"metadata": null` stays.
     Inbound types are accepted too, for the simulator and replay.
     """
+    if isinstance(message, EncodedStatusUpdate):
+        return message.frame
     if isinstance(message, JobStatusUpdate):
         metadata = message.metadata
         return orjson.dumps(
