@@ -23,6 +23,7 @@ from streams.protocol import (
     JobStatusUpdate,
     encoded_status_update,
 )
+from streams.safe_subject import LoopSubject
 
 __all__ = ["JobReporter", "JobStatusUpdateManager", "build_update"]
 
@@ -48,7 +49,7 @@ class JobStatusUpdateManager:
         # in report order (everything runs on the loop thread). A Subject per job flattened with
         # ops.merge_all() cost ~85 µs per job (reactivex subscribes each one through its trampoline
         # and locks): the top hotspot of the throughput benchmark, ~20 µs per status update.
-        self._updates: Subject[JobStatusUpdate | EncodedStatusUpdate] = Subject()
+        self._updates: Subject[JobStatusUpdate | EncodedStatusUpdate] = LoopSubject()
         self._open: set[str] = set()
         """Jobs whose status stream is open (until their first final status)."""
         self._stopped = False

@@ -56,6 +56,7 @@ from streams.protocol import (
     encode,
     validate_specs,
 )
+from streams.safe_subject import LoopSubject
 
 __all__ = [
     "HEARTBEAT_KIND",
@@ -222,10 +223,10 @@ class MessageManager:
         self._connection = connection
         self._responses = responses
         self._clock = clock
-        self._direct: Subject[OutboundMessage] = Subject()
+        self._direct: Subject[OutboundMessage] = LoopSubject()
         self._sources: list[reactivex.Observable[OutboundMessage]] = [self._direct]
         self._gate: BehaviorSubject[bool] = BehaviorSubject(False)
-        self._for_ack: Subject[Envelope] = Subject()
+        self._for_ack: Subject[Envelope] = LoopSubject()
         self._wire: deque[Envelope] = deque()
         self._heartbeat: Envelope | None = None
         self._writing = False  # a frame is being written: drain() is not done until the write is
@@ -241,9 +242,9 @@ class MessageManager:
         self._quiet_depth = False
         self._depth_soon = False
 
-        self._sent: Subject[Sent] = Subject()
+        self._sent: Subject[Sent] = LoopSubject()
         self._dropped: Subject[Dropped[Envelope]] = Subject()
-        self._acks: Subject[AckOutcome] = Subject()
+        self._acks: Subject[AckOutcome] = LoopSubject()
         self._requeued: Subject[Requeued] = Subject()
         self._unexpected: Subject[Response] = Subject()
         self._send_failed: Subject[Envelope] = Subject()
@@ -342,7 +343,7 @@ class MessageManager:
             ops.map(_is_connected), ops.distinct_until_changed()
         )
 
-        data: Subject[Envelope] = Subject()
+        data: Subject[Envelope] = LoopSubject()
         outbox = data.pipe(
             hold_while_disconnected(
                 self._gate,
