@@ -7,13 +7,13 @@ import enum
 import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from streams.exceptions import ConfigError
 from streams.protocol import MAX_FRAME_BYTES
 from streams.signatures import public_key_of
 
-__all__ = ["FACILITATOR_MAX_FRAME_BYTES", "AuthMode", "ClientConfig", "ConfigError", "validate_ws_url"]
+__all__ = ["FACILITATOR_MAX_FRAME_BYTES", "AuthMode", "ClientConfig", "ConfigError", "redact_url", "validate_ws_url"]
 
 FACILITATOR_MAX_FRAME_BYTES = 16 * 2**20
 """The largest frame the production facilitator accepts (uvicorn's default; bigger ones close the link 1009)."""
@@ -28,6 +28,16 @@ class AuthMode(enum.StrEnum):
     """X-Timestamp/X-Public-Key/X-Signature on the opening handshake (the upstream draft); no auth message."""
     BOTH = "both"
     """Both: works with either facilitator while the draft rolls out."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def validate_ws_url(url: object, *, what: str = "url") -> None:
