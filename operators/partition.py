@@ -36,6 +36,19 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
+class _Branch(Subject[T]):
+    """A branch subject whose ``on_next`` skips reactivex's per-item lock (twice per item, most of a
+    hop's cost): like ``_on_next`` above it, a partition is driven from one thread at a time. Same
+    contract otherwise: items after completion are ignored, ``on_next`` after ``dispose()`` raises."""
+
+    def on_next(self, value: T) -> None:
+        if self.is_disposed:
+            self.check_disposed()
+        if not self.is_stopped:
+            for observer in self.observers.copy():
+                observer.on_next(value)
+
+
 class Partitioned(Generic[K, T]):
     """The branches of a partitioned source; nothing flows until ``connect()``."""
 
@@ -52,7 +65,7 @@ class Partitioned(Generic[K, T]):
         self._source = source
         self._key_of = key_of
         self._default = default
-        self._subjects: dict[K, Subject[T]] = {key: Subject() for key in ordered}
+        self._subjects: dict[K, Subject[T]] = {key: _Branch() for key in ordered}
         self.branches: Mapping[K, Observable[T]] = MappingProxyType(
             {key: subject.pipe(ops.as_observable()) for key, subject in self._subjects.items()}
         )

@@ -16,7 +16,14 @@ from reactivex.subject import Subject
 
 from streams.dispatchers.base import Metadata
 from streams.exceptions import MessageRefused, UsageError
-from streams.protocol import JobStatus, JobStatusMetadata, JobStatusUpdate
+from streams.protocol import (
+    EncodedStatusUpdate,
+    JobStatus,
+    JobStatusMetadata,
+    JobStatusUpdate,
+    encoded_status_update,
+)
+from streams.safe_subject import LoopSubject
 
 __all__ = ["JobReporter", "JobStatusUpdateManager", "build_update"]
 
@@ -42,15 +49,15 @@ class JobStatusUpdateManager:
         # in report order (everything runs on the loop thread). A Subject per job flattened with
         # ops.merge_all() cost ~85 µs per job (reactivex subscribes each one through its trampoline
         # and locks): the top hotspot of the throughput benchmark, ~20 µs per status update.
-        self._updates: Subject[JobStatusUpdate] = Subject()
+        self._updates: Subject[JobStatusUpdate | EncodedStatusUpdate] = LoopSubject()
         self._open: set[str] = set()
         """Jobs whose status stream is open (until their first final status)."""
         self._stopped = False
         self._started = False
-        self._early: list[JobStatusUpdate] = []
+        self._early: list[JobStatusUpdate | EncodedStatusUpdate] = []
 
     @property
-    def updates(self) -> reactivex.Observable[JobStatusUpdate]:
+    def updates(self) -> reactivex.Observable[JobStatusUpdate | EncodedStatusUpdate]:
         """All jobs' status updates, in report order (those reported before ``start()`` first)."""
         return self._updates
 
@@ -108,12 +115,20 @@ class JobStatusUpdateManager:
 _MAX_ERRORS_SHOWN = 5
 
 
-def build_update(job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> JobStatusUpdate:
-    """The JobStatusUpdate ``report(status, metadata)`` queues, or a ValueError saying what is wrong.
+def build_update(
+    job_uuid: str, status: JobStatus | str, metadata: Metadata = None
+) -> JobStatusUpdate | EncodedStatusUpdate:
+    """The update ``report(status, metadata)`` queues, or a ValueError saying what is wrong.
 
     A dispatcher's mistake must surface at its own call, not as an error Response after the fact
-    (or never: the facilitator stores an unknown enum value as ``unknown``).
+    (or never: the facilitator stores an unknown enum value as ``unknown``). Without metadata (the
+    common case) a valid update is checked and encoded without a pydantic model; anything else,
+    and every invalid input, takes the model's validation (and its error message).
     """
+    if metadata is None:
+        encoded = encoded_status_update(job_uuid, status)
+        if encoded is not None:
+            return encoded
     try:
         status = JobStatus(status)
     except ValueError:

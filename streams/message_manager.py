@@ -48,7 +48,15 @@ from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
 from streams.exceptions import InvalidSpecs, MessageRefused, MessageTooLarge, TransportClosed, UsageError
 from streams.journal import Journal, PendingUpdate
-from streams.protocol import OutboundMessage, Response, V0MachineSpecsUpdate, encode, validate_specs
+from streams.protocol import (
+    EncodedStatusUpdate,
+    OutboundMessage,
+    Response,
+    V0MachineSpecsUpdate,
+    encode,
+    validate_specs,
+)
+from streams.safe_subject import LoopSubject
 
 __all__ = [
     "HEARTBEAT_KIND",
@@ -167,6 +175,8 @@ def _is_connected(state: ConnectionState) -> bool:
 
 
 def envelope_of(message: OutboundMessage, now: float) -> Envelope:
+    if type(message) is EncodedStatusUpdate:  # the hot path: checked and encoded at report()
+        return Envelope(STATUS_KIND, message.frame, HoldPolicy.KEEP_ALL, now, message.uuid, message.status.value)
     kind = message.message_type
     policy = POLICIES.get(kind)
     if policy is None:
@@ -213,10 +223,10 @@ class MessageManager:
         self._connection = connection
         self._responses = responses
         self._clock = clock
-        self._direct: Subject[OutboundMessage] = Subject()
+        self._direct: Subject[OutboundMessage] = LoopSubject()
         self._sources: list[reactivex.Observable[OutboundMessage]] = [self._direct]
         self._gate: BehaviorSubject[bool] = BehaviorSubject(False)
-        self._for_ack: Subject[Envelope] = Subject()
+        self._for_ack: Subject[Envelope] = LoopSubject()
         self._wire: deque[Envelope] = deque()
         self._heartbeat: Envelope | None = None
         self._writing = False  # a frame is being written: drain() is not done until the write is
@@ -232,9 +242,9 @@ class MessageManager:
         self._quiet_depth = False
         self._depth_soon = False
 
-        self._sent: Subject[Sent] = Subject()
+        self._sent: Subject[Sent] = LoopSubject()
         self._dropped: Subject[Dropped[Envelope]] = Subject()
-        self._acks: Subject[AckOutcome] = Subject()
+        self._acks: Subject[AckOutcome] = LoopSubject()
         self._requeued: Subject[Requeued] = Subject()
         self._unexpected: Subject[Response] = Subject()
         self._send_failed: Subject[Envelope] = Subject()
@@ -333,7 +343,7 @@ class MessageManager:
             ops.map(_is_connected), ops.distinct_until_changed()
         )
 
-        data: Subject[Envelope] = Subject()
+        data: Subject[Envelope] = LoopSubject()
         outbox = data.pipe(
             hold_while_disconnected(
                 self._gate,

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "CpuSpecs",
     "DecodeError",
+    "EncodedStatusUpdate",
     "GpuDetailsSpecs",
     "GpuSpecs",
     "HardDiskSpecs",
@@ -84,6 +85,7 @@ __all__ = [
     "decode",
     "decode_outbound",
     "encode",
+    "encoded_status_update",
     "excerpt",
     "message_kind",
     "validate_specs",
@@ -388,7 +390,63 @@ class JobStatusUpdate(_Outbound):
         )
 
 
-OutboundMessage: TypeAlias = V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate
+_EMPTY_METADATA: Final = JobStatusMetadata()
+_STATUS_OF: Final[dict[str, JobStatus]] = {status.value: status for status in JobStatus}
+
+
+class EncodedStatusUpdate:
+    """A status update without metadata, checked and encoded once, without a pydantic model.
+
+    The common case of ``report(status)`` (no metadata): the hot path builds no model for it, and
+    its frame is byte-for-byte what `encode` writes for the equal JobStatusUpdate. Build it with
+    `encoded_status_update`, which checks what JobStatusUpdate's validators check.
+    """
+
+    __slots__ = ("frame", "status", "uuid")
+    message_type: Final = "V0JobStatusUpdate"
+
+    def __init__(self, uuid: str, status: JobStatus, frame: str) -> None:
+        self.uuid = uuid
+        self.status = status
+        self.frame = frame
+
+    @property
+    def metadata(self) -> JobStatusMetadata | None:
+        """As on the equal JobStatusUpdate: `{}` where the facilitator needs metadata, else None."""
+        return _EMPTY_METADATA if self.status in _METADATA_REQUIRED else None
+
+    def to_model(self) -> JobStatusUpdate:
+        return JobStatusUpdate(uuid=self.uuid, status=self.status, metadata=self.metadata)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EncodedStatusUpdate):
+            return self.frame == other.frame
+        if isinstance(other, JobStatusUpdate):
+            return self.to_model() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.frame)
+
+    def __repr__(self) -> str:
+        return f"EncodedStatusUpdate(uuid={self.uuid!r}, status={self.status.value!r})"
+
+
+def encoded_status_update(uuid: object, status: object) -> EncodedStatusUpdate | None:
+    """The metadata-less update of job ``uuid``, or None when ``uuid``/``status`` need the full
+    validation (which then gives the error): a str uuid the facilitator can parse, a JobStatus value."""
+    member = _STATUS_OF.get(status) if isinstance(status, str) else None
+    if member is None or type(uuid) is not str or _UUID_RE.fullmatch(uuid) is None:
+        return None
+    # The uuid is ASCII hex and dashes and the status an enum value: nothing in either needs escaping.
+    metadata = "{}" if member in _METADATA_REQUIRED else "null"
+    frame = f'{{"message_type":"V0JobStatusUpdate","uuid":"{uuid}","status":"{member.value}","metadata":{metadata}}}'
+    return EncodedStatusUpdate(uuid, member, frame)
+
+
+OutboundMessage: TypeAlias = (
+    V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate | EncodedStatusUpdate
+)
 
 # --------------------------------------------------------------------------- inbound
 
@@ -402,7 +460,12 @@ class ResponseError(BaseModel, extra="allow"):
 
 
 class Response(BaseModel):
-    """The facilitator's answer; it has no id: the n-th Response answers the n-th message expecting one."""
+    """The facilitator's answer; it has no id: the n-th Response answers the n-th message expecting one.
+
+    Frozen: the success Response is one shared instance (see `decode`).
+    """
+
+    model_config = ConfigDict(frozen=True)
 
     status: Literal["success", "error"]
     errors: list[ResponseError] = Field(default_factory=list)
@@ -723,7 +786,8 @@ def excerpt(frame: object) -> str:
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_OUTBOUND_TYPES: Final[dict[str, type[OutboundMessage]]] = {
+_OutboundModel: TypeAlias = V0AuthenticationRequest | V0Heartbeat | V0MachineSpecsUpdate | JobStatusUpdate
+_OUTBOUND_TYPES: Final[dict[str, type[_OutboundModel]]] = {
     "V0AuthenticationRequest": V0AuthenticationRequest,
     "V0Heartbeat": V0Heartbeat,
     "V0MachineSpecsUpdate": V0MachineSpecsUpdate,
@@ -743,6 +807,8 @@ def encode(message: OutboundMessage | InboundMessage) -> str:
     Inside status metadata, unset (None) keys are omitted; a top-level `"metadata": null` stays.
     Inbound types are accepted too, for the simulator and replay.
     """
+    if isinstance(message, EncodedStatusUpdate):
+        return message.frame
     if isinstance(message, JobStatusUpdate):
         metadata = message.metadata
         return orjson.dumps(
@@ -758,6 +824,13 @@ def encode(message: OutboundMessage | InboundMessage) -> str:
     return orjson.dumps(message.model_dump(mode="json")).decode()
 
 
+_SUCCESS_FRAME: Final = '{"status":"success","errors":[]}'
+"""The success Response exactly as the real facilitator writes it (notebooks/data/real-facilitator-session.jsonl)."""
+_SUCCESS_FRAME_BYTES: Final = _SUCCESS_FRAME.encode()
+_SUCCESS: Final = Response(status="success")
+"""Shared by every decoded success frame: Response is frozen, and nothing appends to its empty ``errors``."""
+
+
 def decode(frame: str | bytes, max_bytes: int = MAX_FRAME_BYTES) -> InboundMessage:
     """Parse a facilitator frame into a Response, V2JobRequest or V0JobCheated.
 
@@ -765,6 +838,10 @@ def decode(frame: str | bytes, max_bytes: int = MAX_FRAME_BYTES) -> InboundMessa
     reported by the caller, never allowed to end the client. ``max_bytes`` is the client's
     ``ClientConfig.max_frame_bytes`` (the transport enforces it too).
     """
+    if frame == _SUCCESS_FRAME or frame == _SUCCESS_FRAME_BYTES:
+        # The overwhelming case (one per status update): an exact compare instead of JSON parsing
+        # and validation. Any other spelling of success takes the general path below.
+        return _SUCCESS
     try:
         obj = _load_object(frame, max_bytes)
         message_type = obj.get("message_type")

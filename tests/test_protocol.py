@@ -125,6 +125,39 @@ def test_response_describe_gives_the_facilitators_own_text() -> None:
     assert Response(status="success").describe() == "success"
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"status":"success","errors":[]}',
+        b'{"status":"success","errors":[]}',
+        '{"status": "success", "errors": []}',
+        '{"errors":[],"status":"success"}',
+        '{"status":"success"}',
+    ],
+)
+def test_every_spelling_of_success_decodes_to_an_equal_success_response(frame: str | bytes) -> None:
+    response = decode(frame)
+    assert isinstance(response, Response)
+    assert response.is_success and response.errors == [] and response.error_types == ()
+    assert response == Response(status="success")
+
+
+def test_the_real_success_frame_decodes_to_one_shared_frozen_response() -> None:
+    # The fast path: the capture's exact bytes, no parse; sharing is safe only because Response is frozen.
+    real = '{"status":"success","errors":[]}'
+    assert any(p.values[0] == real for p in _capture_frames("in"))
+    first, second = decode(real), decode(real.encode())
+    assert first is second
+    with pytest.raises(ValidationError):
+        first.status = "error"  # type: ignore[misc]
+    assert decode('{"status":"success","errors":[] }') is not first  # anything else: the general path
+
+
+def test_a_near_success_frame_still_fails_validation() -> None:
+    with pytest.raises(DecodeError, match="invalid Response"):
+        decode('{"status":"succes","errors":[]}')
+
+
 def test_pydantic_error_details_are_kept_on_response_errors() -> None:
     frame = (
         '{"status":"error","errors":[{"msg":"Extra inputs are not permitted","type":"extra_forbidden",'

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-from streams.job_status_update_manager import JobStatusUpdateManager
+from streams.job_status_update_manager import JobStatusUpdateManager, build_update
 from streams.protocol import (
+    EncodedStatusUpdate,
     HordeFailureReason,
     JobFailureReason,
     JobRejectionReason,
@@ -336,3 +337,46 @@ def test_missing_parts_and_non_objects_are_errors() -> None:
     assert sorted(validate_specs({"os": "x"})) == missing
     assert validate_specs([1]) == ["specs: must be a JSON object, got an array"]
     assert validate_specs(None) == ["specs: must be a JSON object, got null"]
+
+
+# ----------------------------------------------------------------------------- the metadata-less fast path
+
+
+def _model_or_error(job_uuid: Any, status: Any) -> JobStatusUpdate | str:
+    try:
+        return JobStatusUpdate(uuid=job_uuid, status=status)
+    except ValueError as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("status", [*JobStatus, *(s.value for s in JobStatus)])
+@pytest.mark.parametrize(
+    "job_uuid", ["2dcdf287-e485-408f-b2d2-ad0d3c8f9237", "2DCDF287E485408FB2D2AD0D3C8F9237"]
+)
+def test_a_report_without_metadata_is_encoded_exactly_as_the_model_would_be(status: Any, job_uuid: str) -> None:
+    update = build_update(job_uuid, status)
+    model = JobStatusUpdate(uuid=job_uuid, status=status)
+    assert isinstance(update, EncodedStatusUpdate)  # no pydantic model on the hot path
+    assert encode(update) == encode(model)
+    assert update == model and update.metadata == model.metadata and update.status is model.status
+    facilitator_stores(encode(update))
+
+
+@given(job_uuid=st.one_of(st.text(max_size=40), st.uuids().map(str), st.integers(), st.none()),
+       status=st.one_of(st.sampled_from([s.value for s in JobStatus]), st.text(max_size=15), st.integers()))
+@settings(max_examples=300, deadline=None)
+def test_the_fast_path_accepts_exactly_what_the_model_accepts(job_uuid: Any, status: Any) -> None:
+    expected = _model_or_error(job_uuid, status)
+    try:
+        update = build_update(job_uuid, status)
+    except ValueError as exc:
+        assert isinstance(expected, str), f"{job_uuid!r}/{status!r} refused but the model takes it: {exc}"
+        assert "report()" in str(exc)
+        return
+    assert isinstance(expected, JobStatusUpdate), f"{job_uuid!r}/{status!r} accepted but the model refuses it"
+    assert encode(update) == encode(expected)
+
+
+def test_an_unparseable_uuid_still_raises_at_the_call_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"uuid: .*not a valid UUID"):
+        build_update("not-a-uuid", "accepted")
