@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import random
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -188,7 +189,7 @@ async def test_chaos_500_jobs_no_status_lost_reordered_or_duplicated_unless_unac
     async with FacilitatorSimulator(seed=chaos_seed) as sim:
         config = fast_config(
             sim.url, ping_interval=0.1, ping_timeout=0.1, close_timeout=0.2, send_timeout=0.5,
-            backoff_cap=0.05, heartbeat_period=0.25, max_concurrent_jobs=None,
+            backoff_cap=0.05, heartbeat_period=1.0, max_concurrent_jobs=None,
         )
         log = DeliveryLog()
         async with running_client(config, handle) as run:
@@ -332,7 +333,7 @@ async def fuzzed() -> AsyncIterator[Fuzzed]:
         """Fuzzed job requests are dispatched (and reported received); nothing more."""
 
     async with FacilitatorSimulator(seed=FUZZ_SEED, accept_unknown_jobs=True) as sim:
-        async with running_client(fast_config(sim.url, heartbeat_period=0.05), ignore) as run:
+        async with running_client(fast_config(sim.url, heartbeat_period=1.0), ignore) as run:
             await connected(run)
             yield Fuzzed(sim, run, max(sim.connection_log))
 
@@ -383,8 +384,12 @@ async def test_fuzzed_frames_are_each_reported_and_heartbeats_keep_going(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "something raised inside the pipeline"
     # The connection survives, and heartbeats keep going out on it.
     assert run.client.is_connected and sim.connections == 1
-    beats = len(sim.connection_log[fuzzed.conn_id].heartbeats)
-    await sim.wait_for(lambda: len(sim.connection_log[fuzzed.conn_id].heartbeats) > beats, 5, "a heartbeat")
+    # (Each example waits only until a heartbeat of the last period + slack exists: at the 1 s
+    # minimum heartbeat_period, waiting for a new one per example would cost ~0.5 s each.)
+    record = sim.connection_log[fuzzed.conn_id]
+    await sim.wait_for(
+        lambda: bool(record.heartbeats) and time.monotonic() - record.heartbeats[-1] < 1.0 + 0.5, 5, "a heartbeat"
+    )
     assert not run.events_of("DISCONNECTED") and not run.events_of("SUBSCRIBER_FAILED")
 
 
@@ -426,7 +431,7 @@ async def _settled(sim: FacilitatorSimulator, run: Running) -> tuple[int, int, i
 async def test_leak_1000_connect_drop_cycles_leave_tasks_objects_and_rss_at_baseline() -> None:
     async with FacilitatorSimulator(seed=5) as sim:
         config = fast_config(
-            sim.url, backoff_base=0.001, backoff_cap=0.001, backoff_stable_after=0.0, heartbeat_period=30.0,
+            sim.url, backoff_base=0.01, backoff_cap=0.01, backoff_stable_after=0.0, heartbeat_period=30.0,
             ping_interval=5.0, ping_timeout=5.0,
         )
         async with running_client(config) as run:
