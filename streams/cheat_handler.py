@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import reactivex
 from reactivex.subject import Subject
 
+from streams.dispatchers.callback import require_async
 from streams.lifecycle import TaskOwner
 from streams.protocol import V0JobCheated
 
@@ -24,8 +25,8 @@ class CheatHandlerFailure:
 
 class CheatReportHandler:
     def __init__(self, handler: CheatHandler | None) -> None:
-        if handler is not None and not callable(handler):
-            raise TypeError(f"on_cheat must be an async function, got {type(handler).__name__}")
+        if handler is not None:
+            require_async(handler, "on_cheat", "an `async def on_cheat(report)` function")
         self._handler = handler
         self._tasks = TaskOwner("cheat-reports")
         self._failures: Subject[CheatHandlerFailure] = Subject()

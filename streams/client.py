@@ -277,6 +277,7 @@ class FacilitatorClient:
     async def _drain(self, timeout: float) -> None:
         self._phase = _Phase.STOPPING
         self._jobs.stop_accepting()
+        await self._jobs.cancel_running()  # their horde_failed statuses go out in this drain
         messages = self._messages
         if messages is not None and self._connection.is_connected and timeout > 0:
             if not await messages.drain(timeout):

@@ -71,7 +71,22 @@ class Disconnected:
     """Backoff before the next attempt; None when the client is stopping."""
 
 
-ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | Disconnected
+@dataclass(frozen=True, slots=True)
+class SignerFailed:
+    """``signer.sign()`` raised (an HSM or remote signer briefly unavailable): retried with backoff."""
+
+    attempt: int
+    error: Exception
+    retry_in: float
+
+
+ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | SignerFailed | Disconnected
+
+
+class _SignerError(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class AuthenticationFailed(Exception):
@@ -207,6 +222,14 @@ class ConnectionManager:
         self._set_state(ConnectionState.CONNECTING)
         self._changes.on_next(ConnectAttempt(self._attempt))
         try:
+            # Signed before connecting: a signer that fails costs the facilitator no connection.
+            auth_frame = self._auth_frame()
+        except _SignerError as exc:
+            self._set_state(ConnectionState.DISCONNECTED)
+            delay = self._backoff.next_delay()
+            self._changes.on_next(SignerFailed(self._attempt, exc.error, delay))
+            return delay
+        try:
             await self._transport.connect()
         except TransportConnectError as exc:
             self._set_state(ConnectionState.DISCONNECTED)
@@ -216,11 +239,18 @@ class ConnectionManager:
 
         self._set_state(ConnectionState.AUTHENTICATING)
         try:
-            await self._authenticate()
+            await self._authenticate(auth_frame)
         except AuthenticationFailed as exc:
+            delay = self._config.backoff_cap
+            if exc.response is None:
+                # Garbage, another message, or silence: the facilitator is not about to close, so
+                # waiting for its close frame would only delay the report. Report now, then close.
+                self._changes.on_next(AuthRejected(None, str(exc), None, delay))
+                await self._close_quietly("auth failed")
+                self._set_state(ConnectionState.DISCONNECTED)
+                return delay
             info = await self._await_close()
             self._set_state(ConnectionState.DISCONNECTED)
-            delay = self._config.backoff_cap
             self._changes.on_next(AuthRejected(exc.response, str(exc), info, delay))
             return delay
         except TransportClosed as exc:
@@ -245,8 +275,19 @@ class ConnectionManager:
         self._set_state(ConnectionState.DISCONNECTED)
         return retry_in or 0.0
 
-    async def _authenticate(self) -> None:
-        frame = encode(V0AuthenticationRequest.from_signer(self._signer))
+    def _auth_frame(self) -> str:
+        """The signed auth request; a signer that raises is a _SignerError (retried), a wrong result a TypeError."""
+        public_key = self._signer.public_key
+        if public_key is None:
+            raise ValueError("the signer has no public key, so it cannot authenticate")
+        public_key = bytes(public_key)
+        try:
+            signature = self._signer.sign(public_key)
+        except Exception as exc:
+            raise _SignerError(exc) from exc
+        return encode(V0AuthenticationRequest.signed(public_key, signature))
+
+    async def _authenticate(self, frame: str) -> None:
         await self._transport.send(frame)
         try:
             async with asyncio.timeout(self._config.auth_timeout):
@@ -265,6 +306,16 @@ class ConnectionManager:
             )
         if not message.is_success:
             raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
+
+    async def _close_quietly(self, reason: str) -> None:
+        """Close with 1000 within close_timeout (then abort): the connection is of no use any more."""
+        try:
+            async with asyncio.timeout(self._config.close_timeout):
+                await self._transport.close(1000, reason)
+        except (TimeoutError, TransportError) as exc:
+            log.debug("close after a failed auth: %s", exc)
+        finally:
+            self._transport.abort()
 
     async def _await_close(self) -> CloseInfo | None:
         """After a rejected auth the facilitator closes (3000/3001): wait briefly to learn the code."""

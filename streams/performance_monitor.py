@@ -23,6 +23,7 @@ from streams.connection_manager import (
     ConnectionChange,
     ConnectionManager,
     Disconnected,
+    SignerFailed,
 )
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
@@ -169,6 +170,16 @@ class PerformanceMonitor:
                 errors=[] if change.response is None else [e.model_dump() for e in change.response.errors],
                 retry_in=round(change.retry_in, 3), **_close_data(change.info),
             )
+        elif isinstance(change, SignerFailed):
+            m.incr("connect.failures")
+            m.incr("auth.failures")
+            error = change.error
+            self.emit(
+                EventType.AUTH_FAILED, "signer",
+                f"the signer failed: {type(error).__name__}: {error} (retrying in {change.retry_in:.1f} s)",
+                attempt=change.attempt, exception=type(error).__name__, message=str(error)[:500],
+                retry_in=round(change.retry_in, 3),
+            )
         elif isinstance(change, Connected):
             m.incr("connect.successes")
             m.timing("connect.duration", change.connect_duration)
@@ -271,6 +282,13 @@ class PerformanceMonitor:
 
     def _on_job_failure(self, failure: JobFailure) -> None:
         self.metrics.incr("jobs.failed")
+        if failure.kind != "raised":  # returned or cancelled without a final status: horde_failed sent
+            self.emit(
+                EventType.JOB_DISPATCH_FAILED, failure.kind,
+                f"job {failure.job_uuid}: {failure.error}; reported horde_failed (generic_error)",
+                job_uuid=failure.job_uuid, reason="generic_error", message=str(failure.error),
+            )
+            return
         self.emit(
             EventType.JOB_DISPATCH_FAILED, type(failure.error).__name__,
             f"dispatcher raised for job {failure.job_uuid}: {type(failure.error).__name__}: {failure.error}",

@@ -13,7 +13,7 @@ import orjson
 
 from streams.cli.common import CliError, Command, host_port, positive, run_until_signalled
 from streams.config import ClientConfig
-from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
+from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
 from streams.events import SystemEvent
 from streams.exceptions import ConfigError, RecordingError
 
@@ -91,11 +91,10 @@ def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | Non
             target = target()
         except Exception as exc:
             raise CliError(f"cannot create dispatcher {spec!r}: {exc}") from None
-    if isinstance(target, Dispatcher):
-        return target
-    if callable(target):
-        return CallbackDispatcher(target)
-    raise CliError(f"{spec!r} is neither `async def handle(job, report)` nor an object with such a method")
+    try:
+        return as_dispatcher(target)  # refuses sync callables: each job would fail at run time
+    except TypeError as exc:
+        raise CliError(f"--dispatcher {spec}: {exc}") from None
 
 
 class EventFile:
