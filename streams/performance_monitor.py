@@ -57,6 +57,24 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
     }
 
 
+class _DisposedSummary:
+    """What the outbox still held of one message type when it stopped."""
+
+    __slots__ = ("count", "first_job", "last_job")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first_job: str | None = None
+        self.last_job: str | None = None
+
+    def add(self, job_uuid: str | None) -> None:
+        self.count += 1
+        if job_uuid is not None:
+            if self.first_job is None:
+                self.first_job = job_uuid
+            self.last_job = job_uuid
+
+
 class PerformanceMonitor:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -68,6 +86,7 @@ class PerformanceMonitor:
         self._emitting = 0
         self._failed_subscribers: set[tuple[str, str]] = set()
         self._pending: deque[SystemEvent] = deque()
+        self._disposed: dict[str, _DisposedSummary] = {}
 
     @property
     def events(self) -> reactivex.Observable[SystemEvent]:
@@ -122,7 +141,7 @@ class PerformanceMonitor:
         add(connection.changes.subscribe(self._on_change))
         add(connection.state.subscribe(self._on_state))
         add(messages.sent.subscribe(self._on_sent))
-        add(messages.dropped.subscribe(self._on_dropped))
+        add(messages.dropped.subscribe(self._on_dropped, on_completed=self._report_disposed))
         add(messages.acks.subscribe(self._on_ack))
         add(messages.requeued.subscribe(self._on_requeued))
         add(messages.send_failures.subscribe(lambda e: self.metrics.incr(f"messages.send_failed.{e.kind}")))
@@ -218,6 +237,13 @@ class PerformanceMonitor:
         if envelope.kind == "V0Heartbeat" and dropped.reason in ("superseded", "stale"):
             self.metrics.incr("messages.coalesced.V0Heartbeat")
             return
+        if dropped.reason == "disposed":
+            # At stop the outbox may hold 100,000 messages: one event per message type, not per message.
+            summary = self._disposed.get(envelope.kind)
+            if summary is None:
+                summary = self._disposed[envelope.kind] = _DisposedSummary()
+            summary.add(envelope.job_uuid)
+            return
         self.metrics.incr(f"messages.dropped.{envelope.kind}")
         self.emit(
             EventType.MESSAGE_DROPPED, envelope.kind,
@@ -226,6 +252,23 @@ class PerformanceMonitor:
             message_type=envelope.kind, reason=dropped.reason, count=1,
             job_uuid=envelope.job_uuid, status=envelope.status,
         )
+
+    def _report_disposed(self) -> None:
+        """The outbox stopped: one MESSAGE_DROPPED per message type it still held, with the count."""
+        summaries, self._disposed = self._disposed, {}
+        for kind, summary in summaries.items():
+            self.metrics.incr(f"messages.dropped.{kind}", summary.count)
+            jobs = ""
+            if summary.first_job is not None:
+                jobs = f" (jobs {summary.first_job} … {summary.last_job})" if summary.count > 1 else (
+                    f" (job {summary.first_job})"
+                )
+            self.emit(
+                EventType.MESSAGE_DROPPED, kind,
+                f"{summary.count} {kind} dropped at stop, never sent (disposed){jobs}",
+                message_type=kind, reason="disposed", count=summary.count,
+                first_job_uuid=summary.first_job, last_job_uuid=summary.last_job,
+            )
 
     def _on_ack(self, ack: AckOutcome) -> None:
         m = self.metrics
