@@ -195,7 +195,7 @@ class PerformanceMonitor:
             error = change.error
             self.emit(
                 EventType.AUTH_FAILED, "signer",
-                f"the signer failed: {type(error).__name__}: {error} (retrying in {change.retry_in:.1f} s)",
+                f"the signer failed: {type(error).__name__}: {error}",
                 attempt=change.attempt, exception=type(error).__name__, message=str(error)[:500],
                 retry_in=round(change.retry_in, 3),
             )

@@ -27,7 +27,10 @@ _SUBCOMMANDS = (run, simulate, demo, replay, worker)
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser, and the coroutine function of each subcommand."""
     parser = Parser(prog="python -m streams", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default WARNING (for `run`: INFO for its own status lines)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     commands: dict[str, Command] = {}
     for module in _SUBCOMMANDS:
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, args.log_level or "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         asyncio.run(commands[args.command](args))

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 
 from streams.cli.common import CliError, Command, host_port, positive, run_until_signalled
+from streams.cli.report import LOGGER as STATUS_LOGGER
+from streams.cli.report import StatusLines
 from streams.config import ClientConfig
 from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
 from streams.events import SystemEvent
@@ -40,7 +42,12 @@ def register(sub: Any) -> dict[str, Command]:
     run.add_argument("--statsd", type=host_port, metavar="HOST:PORT", help="send metrics to statsd")
     run.add_argument("--events", type=Path, metavar="FILE", help="append SystemEvents as JSON lines")
     run.add_argument("--record", type=Path, metavar="FILE", help="record the traffic as JSONL")
-    run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO (default): a start line, connection changes and failures; WARNING: failures only; "
+        "DEBUG: every event",
+    )
+    run.add_argument("--quiet", action="store_true", help="no status lines (errors still end the process)")
     from streams.cli import worker
 
     worker.add_run_flags(run)
@@ -152,13 +159,31 @@ async def _run(args: argparse.Namespace) -> None:
     events = EventFile(args.events) if args.events else None
     if events is not None:
         client.events.subscribe(events.write)
-    client.events.subscribe(lambda event: log.info("%s %s: %s", event.type, event.subtype, event.description))
+    status = _status_lines(args)
+    client.events.subscribe(status)
+    status.started(config.url, _who(signer), args.dispatcher)
     try:
         await run_until_signalled(client.start)
     finally:
+        status.close()
         if events is not None:
             events.close()
         if recorder is not None:
             await recorder.aclose()
 
 
+def _status_lines(args: argparse.Namespace) -> StatusLines:
+    """The operator's view: INFO unless --log-level says otherwise; --quiet: nothing but ERRORs of the library."""
+    logger = logging.getLogger(STATUS_LOGGER)
+    if args.quiet:
+        logger.setLevel(logging.CRITICAL + 1)
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    elif getattr(args, "log_level", None) is None:
+        logger.setLevel(logging.INFO)
+    return StatusLines(logger)
+
+
+def _who(signer: Any) -> str:
+    """The hotkey as an operator knows it: its ss58 address (else the public key in hex)."""
+    address = getattr(signer, "ss58_address", None)
+    return address if isinstance(address, str) and address else "0x" + bytes(signer.public_key).hex()
