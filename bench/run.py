@@ -1,4 +1,4 @@
-"""``python -m bench``: run the five benchmarks and print one markdown table.
+"""``python -m bench``: run the benchmarks and print one markdown table, each figure with its target.
 
     python -m bench [--rounds 3] [--quick] [--profile FILE] [--json FILE]
 
@@ -21,14 +21,22 @@ from typing import Any
 import orjson
 
 from bench.common import ROOT, median
+from bench.idle import Idle, idle_run
 from bench.latency import Latency, latency_run
 from bench.recovery import Recovery, recovery_run
 from bench.shutdown import Shutdown, shutdown_run
 from bench.throughput import Run, client_run, compare
 
-TARGET_RATIO = 0.7
-TARGET_BYTES = 512
-TARGET_P99 = 0.002
+TARGET_RATIO = 0.9
+"""Client throughput / plain websockets loop (same frames, same window, every Response read)."""
+TARGET_CPU_RATIO = 1.3
+"""Client CPU per status update / the baseline's."""
+TARGET_OLD_DESIGN = 1.0
+"""Client throughput / a fire-and-forget loop of the old design (no acks, a task per job)."""
+TARGET_BYTES = 256
+TARGET_P99 = 0.001
+TARGET_RECOVERY = 0.9
+"""Backlog recovery rate / steady throughput."""
 TARGET_SHUTDOWN = 2.0
 
 
@@ -37,13 +45,16 @@ class Sizes:
     throughput: int = 20_000
     memory: int = 100_000
     recovery: int = 10_000
-    latency_rate: float = 1_000.0
+    latency_rates: tuple[float, ...] = (1_000.0, 5_000.0)
     latency_seconds: float = 5.0
+    idle_seconds: float = 10.0
     shutdown_queued: int = 1_000
     shutdown_runs: int = 3
 
 
-QUICK = Sizes(throughput=5_000, memory=20_000, recovery=2_000, latency_seconds=1.0, shutdown_runs=1)
+QUICK = Sizes(
+    throughput=5_000, memory=20_000, recovery=2_000, latency_seconds=1.0, idle_seconds=2.0, shutdown_runs=1
+)
 
 
 async def memory_run(mode: str, count: int) -> dict[str, float]:
@@ -79,23 +90,28 @@ def table(
     sizes: Sizes,
     baselines: list[Run],
     clients: list[Run],
+    old_design: list[Run],
     memory: dict[str, dict[str, float]],
     recovery: Recovery,
-    latency: Latency,
+    latencies: list[Latency],
+    idle: Idle,
     shutdowns: list[Shutdown],
     when: str,
 ) -> str:
     base_rate = median([r.rate for r in baselines])
     client_rate = median([r.rate for r in clients])
+    old_rate = median([r.rate for r in old_design])
     ratio = client_rate / base_rate
+    old_ratio = client_rate / old_rate
     base_cpu = median([r.cpu_us_per_msg for r in baselines])
     client_cpu = median([r.cpu_us_per_msg for r in clients])
+    cpu_ratio = client_cpu / base_cpu
     sim_cpu = median([r.sim_cpu_us_per_msg for r in baselines + clients])
     traced = memory["tracemalloc"]["bytes_per_message"]
     rss = memory["rss"]["bytes_per_message"]
     frame = memory["rss"]["held_frame_bytes_per_message"]
     same_count = recovery.count / client_rate
-    recovery_ratio = recovery.seconds / same_count
+    recovery_ratio = same_count / recovery.seconds  # recovery rate / steady throughput
     exits = [s.seconds for s in shutdowns]
     pending = min(s.pending for s in shutdowns)
     clean = all(s.returncode in (0, 130) and not s.warnings for s in shutdowns)
@@ -105,29 +121,40 @@ def table(
         "| --- | --- | --- | --- | --- |",
         f"| 1 | Throughput: {sizes.throughput:,} JobStatusUpdates, every Response read "
         f"| client **{client_rate:,.0f} msgs/s**, plain websockets {base_rate:,.0f} msgs/s: "
-        f"**ratio {ratio:.2f}** (median of {n} alternating runs each; CPU per update: client "
-        f"{client_cpu:.0f} µs, baseline {base_cpu:.0f} µs, simulator {sim_cpu:.0f} µs) "
+        f"**ratio {ratio:.2f}** (median of {n} alternating runs each) "
         f"| ratio ≥ {TARGET_RATIO} | {_ok(ratio >= TARGET_RATIO)} |",
+        f"| 1b | CPU per status update | client **{client_cpu:.0f} µs**, baseline {base_cpu:.0f} µs: "
+        f"**{cpu_ratio:.2f}×** (simulator {sim_cpu:.0f} µs, its own process) "
+        f"| ≤ {TARGET_CPU_RATIO}× | {_ok(cpu_ratio <= TARGET_CPU_RATIO)} |",
+        f"| 1c | vs the old design: fire-and-forget, a task per job, no acks "
+        f"| old design {old_rate:,.0f} msgs/s: client at **{old_ratio:.2f}×** of it "
+        f"| ≥ {TARGET_OLD_DESIGN}× | {_ok(old_ratio >= TARGET_OLD_DESIGN)} |",
         f"| 2 | Memory: {sizes.memory:,} status updates held while disconnected "
         f"| **{traced:.0f} B/msg** (tracemalloc), **{rss:.0f} B/msg** (RSS); the frame text itself is "
         f"{frame:.0f} B | ≤ {TARGET_BYTES} B/msg | {_ok(max(traced, rss) <= TARGET_BYTES)} |",
         f"| 3 | Recovery: facilitator down with a {recovery.count:,}-update backlog, then up "
         f"| all acknowledged **{recovery.seconds:.2f} s** after it listens again (reconnected and "
-        f"authenticated after {recovery.reconnect_seconds * 1000:.0f} ms) = **{recovery_ratio:.2f}×** "
-        f"the throughput run's time for the same count ({same_count:.2f} s) | report | — |",
-        f"| 4 | Latency: enqueue-to-wire at {latency.rate:,.0f} msgs/s, connected "
-        f"| p50 **{latency.p50 * 1000:.2f} ms**, p99 **{latency.p99 * 1000:.2f} ms** "
-        f"(max {latency.max * 1000:.1f} ms; {latency.count:,} updates at {latency.achieved_rate:,.0f}/s) "
-        f"| p99 ≤ {TARGET_P99 * 1000:.0f} ms | {_ok(latency.p99 <= TARGET_P99)} |",
+        f"authenticated after {recovery.reconnect_seconds * 1000:.0f} ms): **{recovery_ratio:.2f}×** "
+        f"the steady throughput | ≥ {TARGET_RECOVERY}× | {_ok(recovery_ratio >= TARGET_RECOVERY)} |",
+        *(
+            f"| 4{'abcdefg'[i]} | Latency: enqueue-to-wire at {latency.rate:,.0f} msgs/s, connected "
+            f"| p50 **{latency.p50 * 1000:.2f} ms**, p99 **{latency.p99 * 1000:.2f} ms** "
+            f"(max {latency.max * 1000:.1f} ms; {latency.count:,} updates at {latency.achieved_rate:,.0f}/s) "
+            f"| p99 ≤ {TARGET_P99 * 1000:.0f} ms | {_ok(latency.p99 <= TARGET_P99)} |"
+            for i, latency in enumerate(latencies)
+        ),
         f"| 5 | Shutdown: SIGINT to `python -m streams run` with {sizes.shutdown_queued:,} updates queued "
         f"| exit after **{median(exits):.2f} s** (max {max(exits):.2f} s of {len(exits)}); {pending:,} "
         f"pending updates reported on the way out; "
         f"{'exit status 0, no asyncio warnings' if clean else 'WARNINGS or a bad exit status'} "
         f"| ≤ {TARGET_SHUTDOWN:.0f} s | {_ok(max(exits) <= TARGET_SHUTDOWN and clean)} |",
+        f"| 6 | Idle: connected, nothing to send, heartbeat every {idle.heartbeat_period:g} s and a ping every "
+        f"{idle.ping_interval:g} s, for {idle.seconds:.0f} s | **{idle.cpu_percent:.3f} % of a core** "
+        f"({idle.cpu_seconds * 1000:.0f} ms CPU) | report | — |",
     ]
     notes = [
         "",
-        f"Measured {when} on {machine()}, all five in one `make bench` run.",
+        f"Measured {when} on {machine()}, all in one `make bench` run.",
         "The facilitator simulator (`bench.simserver`) runs in its own process for every run; the client "
         "under test and the baseline run in the benchmark process, one after the other, alternating, each "
         "against a fresh simulator process, with the same frames, the same in-flight window (1,000) and "
@@ -162,25 +189,34 @@ async def main(args: argparse.Namespace) -> int:
     def say(what: str) -> None:
         print(f"… {what}", file=sys.stderr, flush=True)
 
-    say(f"throughput: {args.rounds} × (baseline, client), {sizes.throughput:,} updates each")
-    baselines, clients = await compare(sizes.throughput, args.rounds)
+    say(f"throughput: {args.rounds} × (baseline, client, old design), {sizes.throughput:,} updates each")
+    baselines, clients, old_design = await compare(sizes.throughput, args.rounds)
     say("memory: tracemalloc and RSS, a fresh process each")
     memory = {mode: await memory_run(mode, sizes.memory) for mode in ("tracemalloc", "rss")}
     say(f"recovery: {sizes.recovery:,}-update backlog")
     recovery = await recovery_run(sizes.recovery)
-    say(f"latency: {sizes.latency_rate:,.0f} msgs/s for {sizes.latency_seconds:g} s")
-    latency = await latency_run(sizes.latency_rate, sizes.latency_seconds)
+    latencies = []
+    for rate in sizes.latency_rates:
+        say(f"latency: {rate:,.0f} msgs/s for {sizes.latency_seconds:g} s")
+        latencies.append(await latency_run(rate, sizes.latency_seconds))
+    say(f"idle: {sizes.idle_seconds:g} s connected with nothing to send")
+    idle = await idle_run(sizes.idle_seconds)
     say(f"shutdown: {sizes.shutdown_runs} × SIGINT with {sizes.shutdown_queued:,} queued")
     shutdowns = [await shutdown_run(sizes.shutdown_queued) for _ in range(sizes.shutdown_runs)]
     if args.profile is not None:
         say(f"profile: one client throughput run under pyinstrument -> {args.profile}")
         await profile_throughput(sizes.throughput, args.profile)
-    print(table(sizes, baselines, clients, memory, recovery, latency, shutdowns, when))
+    print(table(sizes, baselines, clients, old_design, memory, recovery, latencies, idle, shutdowns, when))
     if args.json is not None:
         raw: dict[str, Any] = {
             "when": when, "machine": machine(),
-            "throughput": {"baseline": [asdict(r) for r in baselines], "client": [asdict(r) for r in clients]},
-            "memory": memory, "recovery": asdict(recovery), "latency": asdict(latency),
+            "throughput": {
+                "baseline": [asdict(r) for r in baselines],
+                "client": [asdict(r) for r in clients],
+                "fire_and_forget": [asdict(r) for r in old_design],
+            },
+            "memory": memory, "recovery": asdict(recovery), "latency": [asdict(lat) for lat in latencies],
+            "idle": asdict(idle),
             "shutdown": [asdict(s) for s in shutdowns],
         }
         args.json.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))

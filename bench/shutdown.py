@@ -27,8 +27,7 @@ from typing import Any
 import orjson
 
 from bench.common import ROOT, STATUSES, SimProcess
-from streams.dispatchers import Report
-from streams.job_status_update_manager import JobStatusUpdateManager
+from streams.dispatchers import Report, StatusFeed
 from streams.protocol import V2JobRequest
 
 QUEUE_ENV = "BENCH_SHUTDOWN_QUEUE"
@@ -39,22 +38,24 @@ class QueueOnStart:
 
     def __init__(self) -> None:
         self.count = int(os.environ.get(QUEUE_ENV, "1000"))
-        self._statuses: JobStatusUpdateManager | None = None
+        self._feed: StatusFeed | None = None
 
-    def bind(self, statuses: JobStatusUpdateManager, acks: Any) -> None:
-        self._statuses = statuses
+    def bind(self, feed: StatusFeed) -> None:
+        self._feed = feed
 
     async def start(self) -> None:
-        assert self._statuses is not None, "bind() comes first"
+        assert self._feed is not None, "bind() comes first"
         rng = random.Random(4)
         jobs = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range((self.count + 4) // 5)]
-        reporters = [self._statuses.open(job) for job in jobs]
         queued = 0
         for status in STATUSES:
-            for report in reporters:
+            for job in jobs:
                 if queued < self.count:
-                    report(status)
+                    self._feed.report(job, status)
                     queued += 1
+
+    async def stop(self) -> None:
+        """Nothing to release."""
 
     async def handle(self, job: V2JobRequest, report: Report) -> None:
         """No job requests come in this benchmark."""

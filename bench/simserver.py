@@ -1,6 +1,8 @@
 """The facilitator simulator in its own process, driven over stdin/stdout by the benchmarks.
 
-    python -m bench.simserver [--port N] [--accept-unknown-jobs] [--stall-after-auth]
+    python -m bench.simserver [--port N] [--accept-unknown-jobs] [--stall-after-auth] [--lenient]
+
+The simulator is strict (as production: server pings, permessage-deflate) unless ``--lenient``.
 
 Prints one JSON line ``{"url": ..., "port": ...}`` once listening, then answers one JSON line per
 command line read from stdin:
@@ -66,7 +68,8 @@ async def main(args: argparse.Namespace) -> None:
         accept_unknown_jobs=args.accept_unknown_jobs,
         stall_after_auth=args.stall_after_auth,
         seed=1,
-        idle_timeout=None,
+        lenient=args.lenient,
+        eviction_interval=None,  # a benchmark's connection is never evicted, whatever it sends
     )
     await sim.start()
     _reply({"url": sim.url, "port": sim.port})
@@ -97,6 +100,7 @@ def cli() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--accept-unknown-jobs", action="store_true")
     parser.add_argument("--stall-after-auth", action="store_true")
+    parser.add_argument("--lenient", action="store_true", help="the simulator's kinder mode (no pings, no deflate)")
     asyncio.run(main(parser.parse_args()))
 
 

@@ -25,7 +25,7 @@ from bench.common import (
     running_client,
     workload,
 )
-from streams.protocol import V0AuthenticationRequest, encode
+from streams.protocol import MAX_FRAME_BYTES, V0AuthenticationRequest, encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ class Run:
 async def baseline_run(count: int, window: int) -> Run:
     frames = frames_of(workload(count))
     async with SimProcess("--accept-unknown-jobs") as sim:
-        async with connect(sim.url, max_size=50 * 2**20) as ws:
+        async with connect(sim.url, max_size=MAX_FRAME_BYTES) as ws:
             await ws.send(encode(V0AuthenticationRequest.from_signer(ALICE)))
             reply = await ws.recv()
             assert '"success"' in str(reply), reply
@@ -101,12 +101,16 @@ async def client_run(count: int, **config: Any) -> Run:
     return Run("client", count, seconds, cpu, sim_cpu)
 
 
-async def compare(count: int, rounds: int) -> tuple[list[Run], list[Run]]:
-    """Alternate baseline and client runs, ``rounds`` of each (alternating evens out machine noise)."""
+async def compare(count: int, rounds: int) -> tuple[list[Run], list[Run], list[Run]]:
+    """Alternate baseline, client and fire-and-forget runs, ``rounds`` of each (alternating evens out noise)."""
+    from bench.fireforget import fire_and_forget_run
+
     window = bench_config("ws://127.0.0.1:1/").max_in_flight
     baselines: list[Run] = []
     clients: list[Run] = []
+    old_design: list[Run] = []
     for _ in range(rounds):
         baselines.append(await baseline_run(count, window))
         clients.append(await client_run(count))
-    return baselines, clients
+        old_design.append(await fire_and_forget_run(count))
+    return baselines, clients, old_design

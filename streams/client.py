@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import reactivex
 from reactivex import operators as ops
 from reactivex.scheduler.eventloop import AsyncIOScheduler
+from reactivex.subject import Subject
 
 from operators import Decoded, Malformed, decode_frames, partition_by
 from streams.cheat_handler import CheatHandler, CheatReportHandler
@@ -25,7 +27,7 @@ from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.dispatchers.base import Dispatcher, FeedingDispatcher, Handler, Metadata, StatusAck
 from streams.events import ConnectionState, EventType, SystemEvent
-from streams.exceptions import UsageError
+from streams.exceptions import MessageRefused, UsageError
 from streams.heartbeat_manager import HeartbeatManager
 from streams.job_dispatcher import JobDispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
@@ -64,12 +66,21 @@ class _StatusFeed:
 
     def __init__(self, statuses: JobStatusUpdateManager, acks: reactivex.Observable[AckOutcome]) -> None:
         self._statuses = statuses
-        self._acks: reactivex.Observable[StatusAck] = acks.pipe(ops.filter(_is_status_ack), ops.map(_status_ack))
+        self._refused: Subject[StatusAck] = Subject()
+        answered = acks.pipe(ops.filter(_is_status_ack), ops.map(_status_ack))
+        self._acks: reactivex.Observable[StatusAck] = reactivex.merge(answered, self._refused)
 
     def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> bool:
+        """Queue a status from the feed. One the outbox refuses (too large) is reported, not raised
+        into the feed, and answered at once as ``refused``: it will never be sent, so the feed may
+        forget it (False is returned)."""
         if not self._statuses.is_open(job_uuid):
             self._statuses.open(job_uuid)
-        return self._statuses.report(job_uuid, status, metadata)
+        try:
+            return self._statuses.report(job_uuid, status, metadata)
+        except MessageRefused:
+            self._refused.on_next(StatusAck(job_uuid, JobStatus(status).value, "refused"))
+            return False
 
     def release(self, job_uuid: str) -> None:
         self._statuses.stop_listener(job_uuid)
@@ -178,7 +189,14 @@ class FacilitatorClient:
         return self._messages.current_depth if self._messages is not None else Depth(0, 0, 0, 0)
 
     def publish_specs(self, update: V0MachineSpecsUpdate) -> None:
-        """Queue a machine-spec update (sent once, in order; kept while disconnected)."""
+        """Queue a machine-spec update (sent once, in order; kept while disconnected).
+
+        Raises :class:`~streams.exceptions.InvalidSpecs` when the specs do not fit the facilitator's
+        hardware schema and :class:`~streams.exceptions.MessageTooLarge` when the frame is over
+        ``max_outbound_frame_bytes`` (both ValueErrors; also reported as ``MESSAGE_DROPPED``): such an
+        update is never sent. Updates from ``spec_updates``, and any published before ``start()``, are
+        checked the same way and only reported.
+        """
         if self._phase in (_Phase.STOPPING, _Phase.STOPPED):
             raise UsageError("publish_specs() called after the client was stopped")
         self._specs.publish(update)
@@ -228,8 +246,11 @@ class FacilitatorClient:
     # -- wiring ---------------------------------------------------------------------------------
     async def _start_components(self, stack: contextlib.AsyncExitStack) -> None:
         scheduler = AsyncIOScheduler(asyncio.get_running_loop())
+        max_bytes = self._config.max_frame_bytes
         inbound = partition_by(
-            self._connection.frames.pipe(decode_frames(decode)), inbound_route, INBOUND_ROUTES
+            self._connection.frames.pipe(decode_frames(functools.partial(decode, max_bytes=max_bytes))),
+            inbound_route,
+            INBOUND_ROUTES,
         )
         responses = inbound["Response"].pipe(ops.map(_message))
         cheat_reports = inbound["V0JobCheated"].pipe(ops.map(_message))

@@ -12,6 +12,7 @@ infinite backoff never reconnects).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
 from dataclasses import dataclass
@@ -20,8 +21,31 @@ from urllib.parse import urlsplit
 
 from streams.exceptions import ConfigError
 from streams.protocol import MAX_FRAME_BYTES
+from streams.signatures import public_key_of
 
-__all__ = ["BOUNDS", "Bound", "ClientConfig", "ConfigError", "validate_ws_url"]
+__all__ = [
+    "BOUNDS",
+    "FACILITATOR_MAX_FRAME_BYTES",
+    "AuthMode",
+    "Bound",
+    "ClientConfig",
+    "ConfigError",
+    "validate_ws_url",
+]
+
+FACILITATOR_MAX_FRAME_BYTES = 16 * 2**20
+"""The largest frame the production facilitator accepts (uvicorn's default; bigger ones close the link 1009)."""
+
+
+class AuthMode(enum.StrEnum):
+    """How the client authenticates each connection (PROTOCOL.md, "Connect-time auth")."""
+
+    MESSAGE = "message"
+    """A V0AuthenticationRequest after connecting, answered by a Response (the deployed facilitator)."""
+    HEADERS = "headers"
+    """X-Timestamp/X-Public-Key/X-Signature on the opening handshake (the upstream draft); no auth message."""
+    BOTH = "both"
+    """Both: works with either facilitator while the draft rolls out."""
 
 KiB = 2**10
 MiB = 2**20
@@ -107,6 +131,8 @@ BOUNDS: dict[str, Bound] = {
     "backoff_seed": Bound(int, -(2**63), 2**63 - 1, "seed", optional=True),
     "outbox_max_messages": Bound(int, 1, 10_000_000, "messages"),
     "outbox_max_bytes": Bound(int, 64 * KiB, 64 * GiB, "bytes"),
+    "max_outbound_frame_bytes": Bound(int, 64 * KiB, MAX_FRAME_BYTES, "bytes"),
+    "poison_after_connections": Bound(int, 1, 1000, "connections"),
     "max_pending_specs": Bound(int, 1, 1_000_000, "messages"),
     "max_in_flight": Bound(int, 1, 1_000_000, "messages"),
     "wire_queue_size": Bound(int, 1, 1_000_000, "frames"),
@@ -114,6 +140,7 @@ BOUNDS: dict[str, Bound] = {
     "cancel_drain_timeout": Bound(float, 0.0, 60.0, "seconds"),
     "max_concurrent_jobs": Bound(int, 1, 1_000_000, "jobs", optional=True),
     "dedup_window": Bound(int, 1, 100_000_000, "job uuids"),
+    "signature_max_age": Bound(float, 1.0, 366 * 86400.0, "seconds", optional=True),
     "statsd_port": Bound(int, 1, 65535, "a UDP port"),
 }
 """The range of every numeric ClientConfig field (also what the CLI enforces, through ClientConfig)."""
@@ -153,6 +180,8 @@ class ClientConfig:
     At most 256 characters, no control characters (it is an HTTP header value)."""
     runner_version: str | None = None
     """Sent as ``X-Validator-Runner-Version``; same rules as ``validator_version``."""
+    auth_mode: AuthMode = AuthMode.MESSAGE
+    """``message`` (default), ``headers`` or ``both`` (a plain string is accepted): see :class:`AuthMode`."""
 
     heartbeat_period: float = 60.0
     """Seconds between V0Heartbeats while connected; [1, 120], default 60. The facilitator offers
@@ -192,6 +221,13 @@ class ClientConfig:
     reported); [1, 10,000,000], default 100,000."""
     outbox_max_bytes: int = 64 * MiB
     """Bytes of encoded frames held while disconnected, at most; [64 KiB, 64 GiB], default 64 MiB."""
+    max_outbound_frame_bytes: int = FACILITATOR_MAX_FRAME_BYTES
+    """An update whose encoded frame is bigger is refused at enqueue (raised and reported), never
+    sent; [64 KiB, 50 MiB], default 16 MiB: what the production facilitator accepts."""
+    poison_after_connections: int = 3
+    """Report the oldest unanswered status update (SUSPECTED_POISON) once this many connections in a
+    row ended without answering it (it is never dropped: a facilitator outage looks the same);
+    [1, 1000], default 3."""
     max_pending_specs: int = 100
     """Spec updates held while disconnected beyond this count drop the oldest (reported);
     [1, 1,000,000], default 100."""
@@ -215,6 +251,16 @@ class ClientConfig:
     """How many recent job uuids are remembered to dispatch each job once; [1, 100,000,000],
     default 100,000."""
 
+    verify_signatures: bool = True
+    """Verify every job request and cheat report before it reaches the host (PROTOCOL.md "Signatures").
+    False is for tests only, and the client warns about it at start. A bool, default True."""
+    trusted_signatories: tuple[str, ...] = ()
+    """ss58 addresses allowed to sign jobs besides the validator's own hotkey. Empty (default): any
+    valid signatory is accepted (as a validator with no whitelist does), with a warning at start."""
+    signature_max_age: float | None = None
+    """Refuse a signature whose timestamp is further than this many seconds from now; [1, 1 year]
+    or None (default: no bound)."""
+
     statsd_host: str | None = None
     """statsd host to mirror the metrics to; None (default) keeps them in memory only. A host name
     or address: no whitespace, at most 253 characters."""
@@ -226,6 +272,16 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         validate_ws_url(self.url)
+        try:
+            object.__setattr__(self, "auth_mode", AuthMode(self.auth_mode))
+        except ValueError:
+            choices = ", ".join(mode.value for mode in AuthMode)
+            raise ConfigError(f"auth_mode must be one of {choices}; got {self.auth_mode!r}") from None
+        if not isinstance(self.verify_signatures, bool):
+            raise ConfigError(
+                f"verify_signatures must be True or False, got {type(self.verify_signatures).__name__} "
+                f"{self.verify_signatures!r}"
+            )
         for name in ("validator_version", "runner_version"):
             _check_text(name, getattr(self, name), optional=True, pattern=_CONTROL, bad="control characters", limit=256)
         _check_text(
@@ -239,6 +295,20 @@ class ClientConfig:
             raise ConfigError(
                 f"backoff_base ({self.backoff_base:g} s) must not exceed backoff_cap ({self.backoff_cap:g} s)"
             )
+        self._check_signatories()
+
+    def _check_signatories(self) -> None:
+        signatories = self.trusted_signatories
+        if isinstance(signatories, str) or not isinstance(signatories, tuple | list | frozenset | set):
+            raise ConfigError(
+                f"trusted_signatories must be a tuple of ss58 addresses, got {type(signatories).__name__}"
+            )
+        object.__setattr__(self, "trusted_signatories", tuple(signatories))
+        for index, address in enumerate(self.trusted_signatories):
+            try:
+                public_key_of(address)
+            except ValueError as exc:
+                raise ConfigError(f"trusted_signatories[{index}]: {exc}") from None
 
     @property
     def headers(self) -> dict[str, str]:

@@ -4,6 +4,22 @@ It is the only owner of the transport's lifecycle. It publishes the connection s
 BehaviorSubject), the inbound frames of authenticated connections, and a record of every attempt,
 success, rejection and disconnect (``changes``) from which the PerformanceMonitor builds its
 events and metrics. Nothing but the auth request is ever sent before a ``success`` Response.
+
+Auth (``ClientConfig.auth_mode``, PROTOCOL.md "Connect-time auth"):
+
+- ``message``: a V0AuthenticationRequest first; authenticated on its ``success`` Response.
+- ``headers``: X-Timestamp / X-Public-Key / X-Signature on the opening handshake, signed afresh for
+  every attempt; no auth message. The draft facilitator refuses a bad handshake with HTTP 403 and
+  answers nothing on success, so the connection counts as authenticated once the handshake succeeds.
+- ``both``: the headers and the message. A facilitator that already authenticated the connection by
+  its headers answers the message ``auth.already_authenticated`` (connection open): that counts as
+  success too, so ``both`` works against the deployed facilitator and the draft alike.
+
+A handshake refused with HTTP 403 is an auth refusal (AuthRejected), retried at the backoff cap like
+an error Response to the auth message. In ``headers`` mode a facilitator without the draft ignores the
+headers and answers every frame ``auth.not_authenticated``: the first such Response ends the
+connection as an auth refusal, and it is not passed on, so the status update it "answered" stays
+unacknowledged and is resent (nothing is lost by choosing ``headers`` too early).
 """
 
 from __future__ import annotations
@@ -15,16 +31,30 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import reactivex
 
 from operators import Backoff
-from streams.config import ClientConfig
+from streams.config import AuthMode, ClientConfig
 from streams.events import ConnectionState
 from streams.exceptions import UsageError
 from streams.protocol import DecodeError, Response, Signer, V0AuthenticationRequest, decode, encode
 from streams.safe_subject import SafeBehaviorSubject, SafeSubject
 from streams.transport import CloseInfo, Transport, TransportClosed, TransportConnectError, TransportError
+
+__all__ = [
+    "AuthRejected",
+    "AuthenticationFailed",
+    "ConnectAttempt",
+    "ConnectFailed",
+    "Connected",
+    "ConnectionChange",
+    "ConnectionManager",
+    "Disconnected",
+    "Frame",
+    "auth_headers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +119,49 @@ class _SignerError(Exception):
         self.error = error
 
 
+class _GuardedSigner:
+    """The host's signer as the manager uses it: a raise is a _SignerError (an AUTH_FAILED, retried
+    with backoff), a result that is not bytes a TypeError naming the expected type (a bug: refused)."""
+
+    def __init__(self, signer: Signer) -> None:
+        self._signer = signer
+
+    @property
+    def public_key(self) -> bytes | None:
+        return self._signer.public_key
+
+    def sign(self, data: bytes) -> bytes:
+        try:
+            signature: object = self._signer.sign(data)
+        except Exception as exc:
+            raise _SignerError(exc) from exc
+        if not isinstance(signature, bytes | bytearray):
+            raise TypeError(
+                f"signer.sign() must return bytes (the sr25519 signature), got {type(signature).__name__}"
+            )
+        return bytes(signature)
+
+
+_ALREADY_AUTHENTICATED = "auth.already_authenticated"
+_NOT_AUTHENTICATED = "auth.not_authenticated"
+
+
+def auth_headers(signer: Signer, now: float) -> dict[str, str]:
+    """Connect-time auth headers (upstream draft): the sr25519 signature of the timestamp string.
+
+    The facilitator accepts a timestamp at most 60 s old and 5 s ahead, so they are made per attempt.
+    """
+    if signer.public_key is None:
+        raise ValueError("the signer has no public key, so it cannot authenticate")
+    timestamp = str(int(now))
+    signature = bytes(signer.sign(timestamp.encode()))
+    return {
+        "X-Timestamp": timestamp,
+        "X-Public-Key": bytes(signer.public_key).hex(),
+        "X-Signature": "0x" + signature.hex(),
+    }
+
+
 class AuthenticationFailed(Exception):
     def __init__(self, description: str, response: Response | None = None) -> None:
         super().__init__(description)
@@ -105,12 +178,15 @@ class ConnectionManager:
         transport: Transport,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         on_subscriber_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._config = config
-        self._signer = signer
+        self._signer = _GuardedSigner(signer)
         self._transport = transport
         self._clock = clock
+        self._wall_clock = wall_clock
+        """Unix time for the X-Timestamp header (injectable: tests of a skewed clock)."""
         self._backoff = Backoff(
             base=config.backoff_base,
             cap=config.backoff_cap,
@@ -127,6 +203,8 @@ class ConnectionManager:
         self._attempt = 0
         self._last_down: float | None = None
         self._connected_at = 0.0
+        self._ignored_headers: Response | None = None
+        """headers mode: the facilitator's ``auth.not_authenticated`` answer on this connection, if any."""
         self._task: asyncio.Task[None] | None = None
 
     # -- observables -------------------------------------------------------------------------
@@ -221,18 +299,27 @@ class ConnectionManager:
         started = self._clock()
         self._set_state(ConnectionState.CONNECTING)
         self._changes.on_next(ConnectAttempt(self._attempt))
+        mode = self._config.auth_mode
         try:
             # Signed before connecting: a signer that fails costs the facilitator no connection.
-            auth_frame = self._auth_frame()
+            headers = None if mode is AuthMode.MESSAGE else auth_headers(self._signer, self._wall_clock())
+            auth_frame = None if mode is AuthMode.HEADERS else encode(V0AuthenticationRequest.from_signer(self._signer))
         except _SignerError as exc:
             self._set_state(ConnectionState.DISCONNECTED)
             delay = self._backoff.next_delay()
             self._changes.on_next(SignerFailed(self._attempt, exc.error, delay))
             return delay
         try:
-            await self._transport.connect()
+            if headers is None:
+                await self._transport.connect()  # the contract's old shape: custom transports keep working
+            else:
+                await self._transport.connect(headers=headers)
         except TransportConnectError as exc:
             self._set_state(ConnectionState.DISCONNECTED)
+            if exc.info.http_status == HTTPStatus.FORBIDDEN:
+                delay = self._config.backoff_cap
+                self._changes.on_next(AuthRejected(None, self._forbidden(exc.info), exc.info, delay))
+                return delay
             delay = self._backoff.next_delay()
             self._changes.on_next(ConnectFailed(self._attempt, exc.info, delay))
             return delay
@@ -265,29 +352,36 @@ class ConnectionManager:
         self._backoff.connection_up(now)
         self._changes.on_next(Connected(self._connection_id, now - started, downtime))
         self._set_state(ConnectionState.CONNECTED)
+        self._ignored_headers = None
         info = await self._read_until_closed()
         ended = self._clock()
         self._last_down = ended
         self._backoff.connection_down(ended)
         stopping = self._stopping.is_set()
-        retry_in = None if stopping else self._backoff.next_delay()
+        refused = self._ignored_headers
+        retry_in = None if stopping else self._config.backoff_cap if refused else self._backoff.next_delay()
         self._changes.on_next(Disconnected(self._connection_id, info, ended - now, retry_in))
+        if refused is not None:
+            description = (
+                f"auth headers ignored: the facilitator answered {refused.describe()} (it does not support "
+                "connect-time auth; use auth_mode 'both' or 'message')"
+            )
+            self._changes.on_next(AuthRejected(refused, description, info, retry_in or 0.0))
         self._set_state(ConnectionState.DISCONNECTED)
         return retry_in or 0.0
 
-    def _auth_frame(self) -> str:
-        """The signed auth request; a signer that raises is a _SignerError (retried), a wrong result a TypeError."""
-        public_key = self._signer.public_key
-        if public_key is None:
-            raise ValueError("the signer has no public key, so it cannot authenticate")
-        public_key = bytes(public_key)
-        try:
-            signature = self._signer.sign(public_key)
-        except Exception as exc:
-            raise _SignerError(exc) from exc
-        return encode(V0AuthenticationRequest.signed(public_key, signature))
+    def _forbidden(self, info: CloseInfo) -> str:
+        text = f"auth refused at the handshake: {info.reason}"
+        if self._config.auth_mode is AuthMode.MESSAGE:
+            text += " (the facilitator may require connect-time auth: try auth_mode 'both' or 'headers')"
+        else:
+            text += " (signature invalid, hotkey not a validator, or the clock is off by more than a minute)"
+        return text
 
-    async def _authenticate(self, frame: str) -> None:
+    async def _authenticate(self, frame: str | None) -> None:
+        mode = self._config.auth_mode
+        if frame is None:
+            return  # headers mode: the handshake was the auth, the draft facilitator answers nothing more
         await self._transport.send(frame)
         try:
             async with asyncio.timeout(self._config.auth_timeout):
@@ -304,8 +398,11 @@ class ConnectionManager:
             raise AuthenticationFailed(
                 f"expected an auth Response, got {type(message).__name__}"
             )
-        if not message.is_success:
-            raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
+        if message.is_success:
+            return
+        if mode is AuthMode.BOTH and message.error_types == (_ALREADY_AUTHENTICATED,):
+            return  # authenticated by the headers already
+        raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
 
     async def _close_quietly(self, reason: str) -> None:
         """Close with 1000 within close_timeout (then abort): the connection is of no use any more."""
@@ -330,12 +427,29 @@ class ConnectionManager:
             return self._transport.close_info
 
     async def _read_until_closed(self) -> CloseInfo:
+        check = self._config.auth_mode is AuthMode.HEADERS
         try:
             while True:
                 frame = await self._transport.recv()
+                if check and isinstance(frame, str) and _NOT_AUTHENTICATED in frame:
+                    if await self._headers_ignored(frame):
+                        continue  # not an answer to what was sent: kept from the ack matching
                 self._frames.on_next(frame)
         except TransportClosed as exc:
             return exc.info
+
+    async def _headers_ignored(self, frame: str) -> bool:
+        """headers mode: is ``frame`` the facilitator saying it never authenticated us? Then hang up."""
+        try:
+            message = decode(frame, self._config.max_frame_bytes)
+        except DecodeError:
+            return False
+        if not isinstance(message, Response) or _NOT_AUTHENTICATED not in message.error_types:
+            return False
+        if self._ignored_headers is None:
+            self._ignored_headers = message
+            await self._transport.close(1008, "connect-time auth headers were ignored")
+        return True
 
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:

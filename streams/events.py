@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["ConnectionState", "EventType", "SystemEvent"]
+
 
 class EventType(enum.StrEnum):
     CONNECTED = "CONNECTED"
@@ -16,6 +18,8 @@ class EventType(enum.StrEnum):
     ERROR_RESPONSE = "ERROR_RESPONSE"
     MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
     MESSAGE_DROPPED = "MESSAGE_DROPPED"
+    SUSPECTED_POISON = "SUSPECTED_POISON"
+    """The oldest unanswered status update outlived N connections that each ended without answering it."""
     JOB_DISPATCH_FAILED = "JOB_DISPATCH_FAILED"
     CHEAT_HANDLER_FAILED = "CHEAT_HANDLER_FAILED"
     UNEXPECTED_RESPONSE = "UNEXPECTED_RESPONSE"

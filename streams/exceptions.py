@@ -10,6 +10,9 @@ codes; the library never prints or exits.
     ├── ConfigError (ValueError)          a ClientConfig field out of range or malformed
     ├── UsageError (RuntimeError)         start() twice, publish after stop(), ...
     ├── DecodeError (ValueError)          a frame that is not a valid message
+    ├── MessageRefused (ValueError)       an outbound message that must never be sent
+    │   ├── MessageTooLarge               its frame is over max_outbound_frame_bytes
+    │   └── InvalidSpecs                  machine specs the facilitator cannot parse
     ├── TransportError                    what happened to a connection (``info``)
     │   ├── TransportConnectError         connect() failed
     │   └── TransportClosed               send()/recv() on an ended connection
@@ -31,7 +34,10 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DispatcherError",
+    "InvalidSpecs",
     "JournalError",
+    "MessageRefused",
+    "MessageTooLarge",
     "RecordingError",
     "ReplayError",
     "StreamsError",
@@ -64,6 +70,48 @@ class DecodeError(StreamsError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.reason}; frame: {self.excerpt!r}" if self.excerpt else self.reason
+
+
+class MessageRefused(StreamsError, ValueError):
+    """An outbound message refused at enqueue because sending it would break the connection.
+
+    It is never sent; the client also reports it (``MESSAGE_DROPPED`` with ``reason``). ``kind`` is
+    the message type, ``reason`` a short machine-readable word (``too_large``, ``invalid_specs``).
+    """
+
+    reason = "refused"
+
+    def __init__(self, kind: str, description: str) -> None:
+        super().__init__(description)
+        self.kind = kind
+
+
+class MessageTooLarge(MessageRefused):
+    """The encoded frame is bigger than the facilitator accepts (it would close the link with 1009,
+    and the update, resent first after each reconnect, would block every later one)."""
+
+    reason = "too_large"
+
+    def __init__(self, kind: str, size: int, limit: int) -> None:
+        super().__init__(
+            kind,
+            f"{kind} not sent: its frame is {size} bytes, over the {limit} byte limit "
+            f"(ClientConfig.max_outbound_frame_bytes; the facilitator closes the connection on bigger frames)",
+        )
+        self.size = size
+        self.limit = limit
+
+
+class InvalidSpecs(MessageRefused):
+    """Machine specs that do not fit the facilitator's hardware schema (its handler would crash, on
+    every connection that carries them). ``errors`` are ``"field.path: problem"`` strings."""
+
+    reason = "invalid_specs"
+
+    def __init__(self, kind: str, errors: list[str]) -> None:
+        shown = "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
+        super().__init__(kind, f"{kind} not sent: specs do not fit the facilitator's hardware schema: {shown}")
+        self.errors = errors
 
 
 class TransportError(StreamsError):

@@ -13,7 +13,7 @@ import reactivex
 from reactivex.subject import Subject
 
 from streams.dispatchers.base import Metadata
-from streams.exceptions import UsageError
+from streams.exceptions import MessageRefused, UsageError
 from streams.protocol import JobStatus, JobStatusMetadata, JobStatusUpdate
 
 __all__ = ["JobReporter", "JobStatusUpdateManager"]
@@ -57,7 +57,10 @@ class JobStatusUpdateManager:
         self._started = True
         early, self._early = self._early, []
         for update in early:
-            self._updates.on_next(update)
+            try:
+                self._updates.on_next(update)
+            except MessageRefused:
+                pass  # reported by the outbox; its caller has returned long ago
 
     def open(self, job_uuid: str) -> JobReporter:
         """Start a job's status stream; returns its ``report`` callable."""
@@ -70,7 +73,12 @@ class JobStatusUpdateManager:
         return job_uuid in self._open
 
     def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> bool:
-        """Queue a status update. False (and a warning) once the job's stream has ended."""
+        """Queue a status update. False (and a warning) once the job's stream has ended.
+
+        Raises :class:`~streams.exceptions.MessageRefused` (a ValueError) when the outbox refuses the
+        update (its frame is over ``max_outbound_frame_bytes``); the job's stream then stays open, so a
+        smaller final status can still be reported.
+        """
         if job_uuid not in self._open:
             log.warning("status %s for job %s ignored: its status stream has ended", status, job_uuid)
             return False

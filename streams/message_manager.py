@@ -12,6 +12,12 @@ writes frames. Heartbeats (KEEP_LATEST) skip both through a one-slot priority la
 liveness, not data, and must never wait behind a backlog (they are only produced while connected,
 and one left over from a dead connection is discarded as stale). Status updates stay in flight until their Response;
 the ones a dropped connection leaves unanswered go back to the front of the wire queue, in order.
+
+Nothing the facilitator cannot take is queued: an update whose frame is over
+``max_outbound_frame_bytes``, or machine specs that do not fit its hardware schema, is refused where
+it enters (``MessageRefused`` raised to the caller, ``refused`` published), never sent. And the oldest
+unanswered status update is watched: each connection that ends without answering it is counted
+(``head_of_line``), so a frame that breaks the connection every time it is sent gets noticed.
 """
 
 from __future__ import annotations
@@ -40,8 +46,26 @@ from operators import (
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
-from streams.exceptions import TransportClosed, UsageError
-from streams.protocol import OutboundMessage, Response, encode
+from streams.exceptions import InvalidSpecs, MessageRefused, MessageTooLarge, TransportClosed, UsageError
+from streams.protocol import OutboundMessage, Response, V0MachineSpecsUpdate, encode
+from streams.specs import validate_specs
+
+__all__ = [
+    "HEARTBEAT_KIND",
+    "POLICIES",
+    "SPEC_KIND",
+    "STATUS_KIND",
+    "AckOutcome",
+    "Depth",
+    "Envelope",
+    "HeadOfLine",
+    "MessageManager",
+    "Refused",
+    "Requeued",
+    "Sent",
+    "envelope_of",
+    "refusal",
+]
 
 STATUS_KIND = "V0JobStatusUpdate"
 SPEC_KIND = "V0MachineSpecsUpdate"
@@ -66,6 +90,9 @@ class Envelope:
     status: str | None = None
     sends: int = 0
     sent_at: float = 0.0
+    unanswered: int = 0
+    """Connections it was sent on that ended without answering it, as the oldest unanswered status update
+    (it stays the oldest until answered, so these are consecutive; a connection that never sent it does not count)."""
 
     @property
     def expects_ack(self) -> bool:
@@ -100,6 +127,28 @@ class Requeued:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """An outbound message refused at enqueue (never sent); ``error`` says why."""
+
+    envelope: Envelope
+    error: MessageRefused
+
+
+@dataclass(frozen=True, slots=True)
+class HeadOfLine:
+    """The oldest unanswered status update, after a connection ended without answering it (or once answered)."""
+
+    envelope: Envelope
+    connections: int
+    """Consecutive connections that ended without answering it."""
+    age: float
+    """Seconds since it was enqueued."""
+    suspected: bool
+    """``connections`` reached ``poison_after_connections``: it may be what breaks the connection."""
+    answered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Depth:
     held: int
     held_bytes: int
@@ -126,6 +175,21 @@ def envelope_of(message: OutboundMessage, now: float) -> Envelope:
     # buffered update: 12% of the outbox's memory per message, see bench/memory.py).
     text = None if status is None else status.value if isinstance(status, enum.Enum) else str(status)
     return Envelope(kind, encode(message), policy, now, uuid, text)
+
+
+def refusal(message: OutboundMessage, frame: str, max_bytes: int) -> MessageRefused | None:
+    """Why ``message`` (encoded as ``frame``) must not be sent, or None: specs the facilitator's
+    handler would crash on, or a frame over ``max_bytes`` (UTF-8 bytes, as the server counts them)."""
+    if isinstance(message, V0MachineSpecsUpdate):
+        errors = validate_specs(message.specs)
+        if errors:
+            return InvalidSpecs(message.message_type, errors)
+    # Cheap for the common case: a str of n chars is at most 4n UTF-8 bytes, and isascii() is O(1).
+    if len(frame) * 4 > max_bytes:
+        size = len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            return MessageTooLarge(message.message_type, size, max_bytes)
+    return None
 
 
 class MessageManager:
@@ -167,6 +231,9 @@ class MessageManager:
         self._requeued: Subject[Requeued] = Subject()
         self._unexpected: Subject[Response] = Subject()
         self._send_failed: Subject[Envelope] = Subject()
+        self._refused: Subject[Refused] = Subject()
+        self._head_of_line: Subject[HeadOfLine] = Subject()
+        self._watched: Envelope | None = None
         self._depth: BehaviorSubject[Depth] = BehaviorSubject(Depth(0, 0, 0, 0))
 
     # -- observables for the monitor and hosts ----------------------------------------------
@@ -192,6 +259,17 @@ class MessageManager:
         return self._send_failed
 
     @property
+    def refused(self) -> reactivex.Observable[Refused]:
+        """Messages refused at enqueue (too large, invalid specs): never sent; the caller got the error too."""
+        return self._refused
+
+    @property
+    def head_of_line(self) -> reactivex.Observable[HeadOfLine]:
+        """The oldest unanswered status update after each connection that ended without answering it,
+        and once more when it is finally answered (``answered``)."""
+        return self._head_of_line
+
+    @property
     def unexpected_responses(self) -> reactivex.Observable[Response]:
         return self._unexpected
 
@@ -212,7 +290,7 @@ class MessageManager:
         self._sources.append(source)
 
     def enqueue(self, message: OutboundMessage) -> None:
-        """Queue one message (encoded once, here)."""
+        """Queue one message (encoded once, here); raises :class:`MessageRefused` if it must not be sent."""
         self._direct.on_next(message)
 
     def retry(self, envelope: Envelope) -> None:
@@ -249,8 +327,13 @@ class MessageManager:
             envelope = envelope_of(message, self._clock())
             if envelope.policy is HoldPolicy.KEEP_LATEST:
                 self._to_priority(envelope)  # liveness, not data: never behind a backlog
-            else:
-                data.on_next(envelope)
+                return
+            # Synchronous, so the error reaches whoever emitted the message (report(), publish_specs()).
+            error = refusal(message, envelope.frame, self._config.max_outbound_frame_bytes)
+            if error is not None:
+                self._refused.on_next(Refused(envelope, error))
+                raise error
+            data.on_next(envelope)
 
         self._subscriptions.add(connected.subscribe(self._on_connected))
         self._subscriptions.add(
@@ -324,7 +407,10 @@ class MessageManager:
             self._dropped.on_next(Dropped(self._wire.popleft(), "disposed"))
         self._subscriptions.dispose()
         self._depth.on_completed()
-        for subject in (self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._send_failed):
+        for subject in (
+            self._sent, self._dropped, self._acks, self._requeued, self._unexpected, self._send_failed,
+            self._refused, self._head_of_line,
+        ):
             subject.on_completed()
 
     # -- internals ---------------------------------------------------------------------------------
@@ -390,6 +476,9 @@ class MessageManager:
             else:
                 outcome = "error"
             self._acks.on_next(AckOutcome(envelope, response, outcome, self._clock() - envelope.sent_at))
+            if envelope is self._watched:
+                self._watched = None
+                self._report_head(envelope, answered=True)
             self._publish_depth_soon()
             self._wake.set()
             return
@@ -397,10 +486,21 @@ class MessageManager:
             self._in_flight -= len(event.items)
             self._wire.extendleft(reversed(event.items))
             self._requeued.on_next(Requeued(event.items, self._connection.connection_id))
+            # Responses come in order, so the first one unanswered is the oldest: the one that stays
+            # at the head of the line until it is answered (a poison frame, or an outage).
+            head = self._watched = event.items[0]
+            head.unanswered += 1
+            self._report_head(head)
         else:
             self._unexpected.on_next(event.response)
         self._publish_depth()
         self._wake.set()
+
+    def _report_head(self, envelope: Envelope, *, answered: bool = False) -> None:
+        count = envelope.unanswered
+        suspected = not answered and count >= self._config.poison_after_connections
+        age = self._clock() - envelope.enqueued_at
+        self._head_of_line.on_next(HeadOfLine(envelope, count, age, suspected, answered))
 
     def _on_dropped(self, dropped: Dropped[Envelope]) -> None:
         self._dropped.on_next(dropped)

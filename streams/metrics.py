@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import statsd
+
+__all__ = ["RESERVOIR", "Metrics", "quantile", "safe_name"]
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,8 @@ class Metrics:
             timings[name] = {
                 "count": self._timing_counts[name],
                 "mean": statistics.fmean(ordered),
-                "p50": _quantile(ordered, 0.50),
-                "p99": _quantile(ordered, 0.99),
+                "p50": quantile(ordered, 0.50),
+                "p99": quantile(ordered, 0.99),
                 "max": ordered[-1],
             }
         return {"counters": dict(self._counters), "gauges": dict(self._gauges), "timings": timings}
@@ -146,8 +150,14 @@ class Metrics:
                 pass
 
 
-def _quantile(ordered: list[float], q: float) -> float:
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values, interpolated linearly between ranks (0.0 for no values).
+
+    The one definition the metrics snapshot and the replay summary share.
+    """
     if not ordered:
         return 0.0
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -27,22 +27,24 @@ from streams.connection_manager import (
 )
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
+from streams.exceptions import DecodeError, DispatcherError, InvalidSpecs, MessageTooLarge
 from streams.job_dispatcher import JobDispatcher, JobFailure
-from streams.message_manager import AckOutcome, Depth, Envelope, MessageManager, Requeued, Sent
+from streams.message_manager import (
+    AckOutcome,
+    Depth,
+    Envelope,
+    HeadOfLine,
+    MessageManager,
+    Refused,
+    Requeued,
+    Sent,
+)
 from streams.metrics import Metrics
-from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest
+from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest, excerpt, message_kind
 from streams.safe_subject import SafeSubject
 from streams.transport import CloseInfo
 
-EXCERPT = 200
-
-
-def _excerpt(frame: str | bytes) -> str:
-    """The start of a frame, and how much of it was left out (text) or how long it was (binary)."""
-    if isinstance(frame, str):
-        return frame if len(frame) <= EXCERPT else f"{frame[:EXCERPT]}…(+{len(frame) - EXCERPT} chars)"
-    text = repr(bytes(frame[:EXCERPT]))
-    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}…({len(frame)} bytes in all)"
+__all__ = ["PerformanceMonitor"]
 
 
 def _close_data(info: CloseInfo | None) -> dict[str, object]:
@@ -60,19 +62,34 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
 class _DisposedSummary:
     """What the outbox still held of one message type when it stopped."""
 
-    __slots__ = ("count", "first_job", "last_job")
+    __slots__ = ("count", "first_job", "frame_bytes", "last_job")
 
     def __init__(self) -> None:
         self.count = 0
+        self.frame_bytes = 0
         self.first_job: str | None = None
         self.last_job: str | None = None
 
-    def add(self, job_uuid: str | None) -> None:
+    def add(self, job_uuid: str | None, frame: str) -> None:
         self.count += 1
+        self.frame_bytes += _utf8_len(frame)
         if job_uuid is not None:
             if self.first_job is None:
                 self.first_job = job_uuid
             self.last_job = job_uuid
+
+
+def _utf8_len(frame: str) -> int:
+    return len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
+
+
+def _drop_data(envelope: Envelope, reason: str) -> dict[str, object]:
+    """MESSAGE_DROPPED's fields, the same for every reason (``limit`` and ``errors`` for refusals)."""
+    return {
+        "message_type": envelope.kind, "reason": reason, "count": 1,
+        "job_uuid": envelope.job_uuid, "status": envelope.status,
+        "frame_bytes": _utf8_len(envelope.frame), "limit": None, "errors": [], "excerpt": excerpt(envelope.frame),
+    }
 
 
 class PerformanceMonitor:
@@ -144,6 +161,8 @@ class PerformanceMonitor:
         add(messages.dropped.subscribe(self._on_dropped, on_completed=self._report_disposed))
         add(messages.acks.subscribe(self._on_ack))
         add(messages.requeued.subscribe(self._on_requeued))
+        add(messages.refused.subscribe(self._on_refused))
+        add(messages.head_of_line.subscribe(self._on_head_of_line))
         add(messages.send_failures.subscribe(lambda e: self.metrics.incr(f"messages.send_failed.{e.kind}")))
         add(messages.unexpected_responses.subscribe(self._on_unexpected))
         add(messages.depth.subscribe(self._on_depth))
@@ -187,6 +206,7 @@ class PerformanceMonitor:
             self.emit(
                 EventType.AUTH_FAILED, "auth", change.description,
                 errors=[] if change.response is None else [e.model_dump() for e in change.response.errors],
+                http_status=None if change.info is None else change.info.http_status,
                 retry_in=round(change.retry_in, 3), **_close_data(change.info),
             )
         elif isinstance(change, SignerFailed):
@@ -242,15 +262,44 @@ class PerformanceMonitor:
             summary = self._disposed.get(envelope.kind)
             if summary is None:
                 summary = self._disposed[envelope.kind] = _DisposedSummary()
-            summary.add(envelope.job_uuid)
+            summary.add(envelope.job_uuid, envelope.frame)
             return
         self.metrics.incr(f"messages.dropped.{envelope.kind}")
         self.emit(
             EventType.MESSAGE_DROPPED, envelope.kind,
             f"{envelope.kind} dropped ({dropped.reason})"
             + (f" for job {envelope.job_uuid} status {envelope.status}" if envelope.job_uuid else ""),
-            message_type=envelope.kind, reason=dropped.reason, count=1,
-            job_uuid=envelope.job_uuid, status=envelope.status,
+            **_drop_data(envelope, dropped.reason),
+        )
+
+    def _on_refused(self, refused: Refused) -> None:
+        """Refused at enqueue (the caller got the error too): a MESSAGE_DROPPED the operator can see."""
+        envelope, error = refused.envelope, refused.error
+        self.metrics.incr(f"messages.dropped.{envelope.kind}")
+        self.metrics.incr(f"messages.refused.{error.reason}")
+        data = _drop_data(envelope, error.reason)
+        if isinstance(error, MessageTooLarge):
+            data.update(frame_bytes=error.size, limit=error.limit)
+        elif isinstance(error, InvalidSpecs):
+            data.update(errors=error.errors)
+        self.emit(EventType.MESSAGE_DROPPED, envelope.kind, str(error), **data)
+
+    def _on_head_of_line(self, head: HeadOfLine) -> None:
+        """``outbox.head_age``: how long the oldest unanswered status update has waited (0 once answered)."""
+        envelope = head.envelope
+        self.metrics.gauge("outbox.head_age", 0.0 if head.answered else round(head.age, 3))
+        if not head.suspected:
+            return
+        self.metrics.incr("outbox.suspected_poison")
+        self.emit(
+            EventType.SUSPECTED_POISON, envelope.kind,
+            f"{envelope.kind}" + (f" for job {envelope.job_uuid} status {envelope.status}" if envelope.job_uuid else "")
+            + f" is still unanswered after {head.connections} connections in a row ended without answering it "
+            f"(waiting {head.age:.1f} s, sent {envelope.sends} times): it may be what breaks the connection, "
+            "or the facilitator is down. It is kept and resent first; everything behind it waits.",
+            message_type=envelope.kind, job_uuid=envelope.job_uuid, status=envelope.status,
+            connections=head.connections, sends=envelope.sends, age=round(head.age, 3),
+            frame_bytes=_utf8_len(envelope.frame), excerpt=excerpt(envelope.frame),
         )
 
     def _report_disposed(self) -> None:
@@ -266,7 +315,8 @@ class PerformanceMonitor:
             self.emit(
                 EventType.MESSAGE_DROPPED, kind,
                 f"{summary.count} {kind} dropped at stop, never sent (disposed){jobs}",
-                message_type=kind, reason="disposed", count=summary.count,
+                message_type=kind, reason="disposed", count=summary.count, job_uuid=None, status=None,
+                frame_bytes=summary.frame_bytes, limit=None, errors=[], excerpt="",
                 first_job_uuid=summary.first_job, last_job_uuid=summary.last_job,
             )
 
@@ -306,13 +356,14 @@ class PerformanceMonitor:
     def _on_inbound(self, item: Decoded[InboundMessage] | Malformed) -> None:
         if isinstance(item, Malformed):
             self.metrics.incr("messages.malformed")
+            reason = item.error.reason if isinstance(item.error, DecodeError) else str(item.error)
             self.emit(
                 EventType.MALFORMED_MESSAGE, type(item.error).__name__,
-                f"malformed frame from the facilitator: {getattr(item.error, 'reason', item.error)}",
-                excerpt=_excerpt(item.frame), error=str(item.error)[:500],
+                f"malformed frame from the facilitator: {reason}",
+                excerpt=excerpt(item.frame), error=reason[:500],
             )
             return
-        self.metrics.incr(f"messages.received.{_inbound_kind(item.message)}")
+        self.metrics.incr(f"messages.received.{message_kind(item.message)}")
 
     def _on_dispatched(self, job: V2JobRequest) -> None:
         self.metrics.incr("jobs.dispatched")
@@ -338,13 +389,13 @@ class PerformanceMonitor:
             job_uuid=failure.job_uuid, exception=type(failure.error).__name__, message=str(failure.error)[:500],
         )
 
-    def _on_dispatcher_failure(self, failure: Exception) -> None:
-        operation = str(getattr(failure, "operation", "dispatcher"))
+    def _on_dispatcher_failure(self, failure: DispatcherError) -> None:
+        operation = failure.operation
         self.metrics.incr(f"dispatcher.failures.{operation}")
-        retry_in = getattr(failure, "retry_in", None)
+        retry_in = failure.retry_in
         self.emit(
             EventType.DISPATCHER_FAILED, operation, f"dispatcher {operation} failed: {failure}",
-            operation=operation, exception=type(getattr(failure, "error", failure)).__name__,
+            operation=operation, exception=type(failure.error).__name__,
             message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
         )
 
@@ -357,8 +408,3 @@ class PerformanceMonitor:
             message=str(failure.error)[:500],
         )
 
-
-def _inbound_kind(message: InboundMessage) -> str:
-    if isinstance(message, Response):
-        return "Response"
-    return message.message_type

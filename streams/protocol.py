@@ -46,6 +46,7 @@ __all__ = [
     "decode",
     "decode_outbound",
     "encode",
+    "excerpt",
     "message_kind",
 ]
 
@@ -363,11 +364,11 @@ InboundMessage: TypeAlias = Response | V2JobRequest | V0JobCheated
 
 def _decode_error(reason: str, frame: object) -> DecodeError:
     """A DecodeError with the excerpt of `frame` (str or bytes), cheap even for huge frames."""
-    return DecodeError(reason, _excerpt(frame))
+    return DecodeError(reason, excerpt(frame))
 
 
-def _excerpt(frame: object) -> str:
-    """Never raises: it runs inside decode's last-resort error handler."""
+def excerpt(frame: object) -> str:
+    """The start of a frame (str or bytes) and how much was left out; never raises (it runs in error handlers)."""
     try:
         if isinstance(frame, str):
             head, rest = frame[:_EXCERPT_CHARS], len(frame) - _EXCERPT_CHARS
@@ -417,14 +418,15 @@ def encode(message: OutboundMessage | InboundMessage) -> str:
     return orjson.dumps(message.model_dump(mode="json")).decode()
 
 
-def decode(frame: str | bytes) -> InboundMessage:
+def decode(frame: str | bytes, max_bytes: int = MAX_FRAME_BYTES) -> InboundMessage:
     """Parse a facilitator frame into a Response, V2JobRequest or V0JobCheated.
 
     Raises DecodeError, and nothing else, for any input: a malformed frame is counted and
-    reported by the caller, never allowed to end the client.
+    reported by the caller, never allowed to end the client. ``max_bytes`` is the client's
+    ``ClientConfig.max_frame_bytes`` (the transport enforces it too).
     """
     try:
-        obj = _load_object(frame)
+        obj = _load_object(frame, max_bytes)
         message_type = obj.get("message_type")
         if message_type is None:
             if "status" not in obj:
@@ -477,18 +479,18 @@ def message_kind(frame_or_message: object) -> str:
     return kind if kind in _OUTBOUND_TYPES or kind in _INBOUND_TYPES else "unknown"
 
 
-def _load_object(frame: object) -> dict[str, Any]:
+def _load_object(frame: object, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     """Size check, UTF-8 check and JSON parse; the result is always a JSON object."""
     if isinstance(frame, str):
         size = len(frame)
-        if size > MAX_FRAME_BYTES // 4 and not frame.isascii():  # only then can bytes exceed chars*4
+        if size > max_bytes // 4 and not frame.isascii():  # only then can bytes exceed chars*4
             size = len(frame.encode("utf-8", "surrogatepass"))
     elif isinstance(frame, (bytes, bytearray, memoryview)):
         size = len(frame)
     else:
         raise _decode_error(f"frame must be str or bytes, not {type(frame).__name__}", frame)
-    if size > MAX_FRAME_BYTES:
-        reason = f"frame is {size} bytes, larger than the {MAX_FRAME_BYTES} byte limit"
+    if size > max_bytes:
+        reason = f"frame is {size} bytes, larger than the {max_bytes} byte limit"
         raise _decode_error(reason, frame)
     try:
         obj = orjson.loads(frame)

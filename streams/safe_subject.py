@@ -13,6 +13,8 @@ from typing import TypeVar
 from reactivex import abc
 from reactivex.subject import BehaviorSubject, Subject
 
+__all__ = ["SafeBehaviorSubject", "SafeSubject", "SubscriberErrorHook", "T"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 

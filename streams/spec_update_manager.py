@@ -2,6 +2,11 @@
 
 Sources: an Observable or an async iterable given at construction, and ``publish()`` calls
 (``FacilitatorClient.publish_specs``). A source that fails is reported, never fatal.
+
+Updates the outbox refuses (specs that do not fit the facilitator's schema, a frame over the size
+limit) raise :class:`~streams.exceptions.MessageRefused` to a ``publish()`` caller; from a source, or
+published before ``start()``, they are only reported (the outbox's ``refused`` stream), so one bad
+update never ends the source.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import reactivex
 from reactivex.abc import DisposableBase
 from reactivex.subject import Subject
 
-from streams.exceptions import UsageError
+from streams.exceptions import MessageRefused, UsageError
 from streams.lifecycle import TaskOwner
 from streams.protocol import V0MachineSpecsUpdate
 
@@ -45,6 +50,7 @@ class SpecUpdateManager:
         return self._updates
 
     def publish(self, update: V0MachineSpecsUpdate) -> None:
+        """Queue ``update``; raises MessageRefused (a ValueError) if the outbox refuses it (also reported)."""
         if self._stopped:
             raise UsageError("publish_specs() called after the client stopped")
         if not isinstance(update, V0MachineSpecsUpdate):
@@ -58,17 +64,24 @@ class SpecUpdateManager:
         self._started = True
         early, self._early = self._early, []
         for update in early:
-            self._updates.on_next(update)
+            self._forward(update)
         if isinstance(self._source, reactivex.Observable):
             self._subscription = self._source.subscribe(
-                on_next=self.publish, on_error=self._source_failed
+                on_next=self._forward, on_error=self._source_failed
             )
         elif self._source is not None:
             self._tasks.start(self._consume(self._source), "async-source")
 
     async def _consume(self, source: AsyncIterable[V0MachineSpecsUpdate]) -> None:
         async for update in source:
+            self._forward(update)
+
+    def _forward(self, update: V0MachineSpecsUpdate) -> None:
+        """From a source (or published early): a refused update is reported by the outbox, not raised."""
+        try:
             self.publish(update)
+        except MessageRefused:
+            pass
 
     def _source_failed(self, exc: BaseException) -> None:
         if self._on_source_error is not None:

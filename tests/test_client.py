@@ -189,7 +189,7 @@ def spec(n: int) -> V0MachineSpecsUpdate:
     return V0MachineSpecsUpdate(
         miner_hotkey="5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
         validator_hotkey=ALICE.ss58_address,
-        specs={"os": "Ubuntu 24.04", "cpu": {"count": n}},
+        specs={"os": "Ubuntu 24.04", "cpu": {"count": n}, "ram": {}, "hard_disk": {}},
         batch_id=f"batch-{n}",
     )
 

@@ -20,7 +20,7 @@ def spec(n: int) -> V0MachineSpecsUpdate:
     return V0MachineSpecsUpdate(
         miner_hotkey="5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
         validator_hotkey=ALICE.ss58_address,
-        specs={"os": "Ubuntu", "n": n},
+        specs={"os": "Ubuntu", "n": n, "cpu": {"count": 8}, "ram": {}, "hard_disk": {}},
         batch_id=f"b{n}",
     )
 

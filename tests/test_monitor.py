@@ -37,11 +37,18 @@ EVENT_FIELDS: dict[str, set[str]] = {
         "close_code", "close_reason", "exception", "exception_message",
     },
     "CONNECT_FAILED": {"attempt", "retry_in", "close_code", "close_reason", "exception", "exception_message"},
-    "AUTH_FAILED": {"errors", "retry_in", "close_code", "close_reason", "exception", "exception_message"},
+    "AUTH_FAILED": {
+        "errors", "http_status", "retry_in", "close_code", "close_reason", "exception", "exception_message",
+    },
     "ERROR_RESPONSE": {"job_uuid", "status", "errors"},
     "UNEXPECTED_RESPONSE": {"errors"},
     "MALFORMED_MESSAGE": {"excerpt", "error"},
-    "MESSAGE_DROPPED": {"message_type", "reason", "count", "job_uuid", "status"},
+    "MESSAGE_DROPPED": {
+        "message_type", "reason", "count", "job_uuid", "status", "frame_bytes", "limit", "errors", "excerpt",
+    },
+    "SUSPECTED_POISON": {
+        "message_type", "job_uuid", "status", "connections", "sends", "age", "frame_bytes", "excerpt",
+    },
     "JOB_DISPATCH_FAILED": {"job_uuid", "exception", "message"},
     "CHEAT_HANDLER_FAILED": {"job_uuid", "exception", "message"},
     "SOURCE_FAILED": {"exception", "message"},
@@ -164,7 +171,7 @@ def spec(n: int) -> V0MachineSpecsUpdate:
     return V0MachineSpecsUpdate(
         miner_hotkey="5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
         validator_hotkey=ALICE.ss58_address,
-        specs={"gpu": {"count": n}},
+        specs={"gpu": {"count": n}, "cpu": {"count": 8}, "ram": {}, "hard_disk": {}},
         batch_id=f"batch-{n}",
     )
 
@@ -554,11 +561,8 @@ async def test_malformed_message_event_has_a_truncated_excerpt(sim: FacilitatorS
     excerpt = event.data["excerpt"]
     assert len(excerpt) < 300, "an excerpt, not the frame"
     assert "<html>garbage! garbage!" in excerpt
-    # The excerpt says how much it left out (text) or how long the frame was (binary).
-    if binary:
-        assert excerpt.startswith("b'<html>") and excerpt.endswith(f"…({len(frame)} bytes in all)")
-    else:
-        assert excerpt == f"{garbage[:200]}…(+{len(garbage) - 200} chars)"
+    # One excerpt format (streams.protocol.excerpt) for text and binary frames: the start, and how much was left out.
+    assert excerpt == f"{garbage[:200]}…(+{len(frame) - 200} more)"
     assert len(event.data["error"]) <= 500
     assert len(event.description) < 1000
     assert counters["messages.malformed"] == 1
@@ -584,7 +588,10 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
         assert event.subtype == "V0JobStatusUpdate"
         assert event.data == {
             "message_type": "V0JobStatusUpdate", "reason": "outbox_full", "count": 1,
-            "job_uuid": job_uuid, "status": "received",
+            "job_uuid": job_uuid, "status": "received", "frame_bytes": 118, "limit": None, "errors": [],
+            "excerpt": orjson.dumps(
+                {"message_type": "V0JobStatusUpdate", "uuid": job_uuid, "status": "received", "metadata": None}
+            ).decode(),
         }
         assert job_uuid in event.description and "outbox_full" in event.description
     assert counters["messages.dropped.V0JobStatusUpdate"] == 2

@@ -36,6 +36,34 @@ JOB_NOT_FOUND = (
     '"help":"Job with this UUID was not found"}]}'
 )
 HEARTBEAT = '{"message_type": "V0Heartbeat"}'
+BOB_SS58 = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
+"""//Bob: the signatory of the capture's job requests and cheat report."""
+
+
+def verifies_as_signed_fields(job: dict[str, Any]) -> bool:
+    """PROTOCOL.md "Signatures", written out independently of the simulator (jobs without volumes/uploads)."""
+    fields = {
+        "executor_class": job["executor_class"],
+        "docker_image": job["docker_image"],
+        "args": job["args"],
+        "env": job["env"],
+        "use_gpu": job.get("use_gpu", True),
+        "artifacts_dir": job["artifacts_dir"] or "",
+        "on_trusted_miner": job["on_trusted_miner"],
+        "download_time_limit": job["download_time_limit"],
+        "execution_time_limit": job["execution_time_limit"],
+        "upload_time_limit": job["upload_time_limit"],
+        "streaming_start_time_limit": job["streaming_start_time_limit"],
+        "streaming_details": job["streaming_details"],
+        "volumes": job["volume"]["volumes"] if job["volume"] else [],
+        "uploads": job["output_upload"]["uploads"] if job["output_upload"] else [],
+    }
+    payload = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    signature = job["signature"]
+    digest = hashlib.blake2b(
+        signature["timestamp_ns"].to_bytes(8, "big") + json.dumps(payload, sort_keys=True).encode()
+    ).digest()
+    return bool(Keypair(ss58_address=signature["signatory"]).verify(digest, base64.b64decode(signature["signature"])))
 
 
 @pytest.fixture
@@ -292,27 +320,22 @@ async def test_slow_acks_keep_order(
     assert await ask(transport, status(job["uuid"], "execution_done")) == SUCCESS
 
 
-async def test_job_requests_wait_for_auth_and_are_signed(
+async def test_job_requests_on_auth_are_signed_like_real_traffic(
     simulator: FacilitatorSimulator, auth_frame: AuthFrame, transports: list[Transport]
 ) -> None:
-    queued = await simulator.send_job_request(use_gpu=True)
     simulator.job_requests_on_auth(2)
     transport = await authenticated(simulator, auth_frame, transports)
-    frames = [orjson.loads(await transport.recv()) for _ in range(3)]
-    assert frames[0] == queued
-    assert [f["message_type"] for f in frames] == ["V2JobRequest"] * 3
-    assert len({f["uuid"] for f in frames}) == 3
-    assert all(simulator.stored[f["uuid"]] == ["sent"] for f in frames)
-    # Signed like compute_horde: sr25519 over blake2b(timestamp_ns ‖ sorted JSON of the fields).
-    signature = queued["signature"]
-    payload = {k: v for k, v in queued.items() if k not in ("signature", "type", "message_type")}
-    digest = hashlib.blake2b(
-        signature["timestamp_ns"].to_bytes(8, "big") + json.dumps(payload, sort_keys=True).encode()
-    ).digest()
-    signer = Keypair(ss58_address=signature["signatory"])
-    assert signer.verify(digest, base64.b64decode(signature["signature"]))
+    frames = [orjson.loads(await transport.recv()) for _ in range(2)]
+    job = await simulator.send_job_request(use_gpu=True)
+    assert orjson.loads(await transport.recv()) == job
+    assert [f["message_type"] for f in frames] == ["V2JobRequest"] * 2
+    assert len({f["uuid"] for f in [*frames, job]}) == 3
+    assert all(simulator.stored[f["uuid"]] == ["sent"] for f in [*frames, job])
+    for frame in [*frames, job]:
+        assert verifies_as_signed_fields(frame)
+        assert frame["signature"]["signatory"] == simulator.job_signer_ss58 == BOB_SS58
 
-    report = await simulator.send_cheat_report(queued["uuid"])
+    report = await simulator.send_cheat_report(job["uuid"])
     cheat = orjson.loads(await transport.recv())
     assert cheat == report
     assert list(cheat)[:4] == ["signature", "type", "message_type", "job_uuid"]
@@ -346,8 +369,8 @@ async def test_wait_for_timeout_is_helpful(simulator: FacilitatorSimulator) -> N
         await simulator.wait_for(lambda: simulator.connections == 2, 0.05, "two connections")
 
 
-async def test_idle_connection_is_closed_3001(auth_frame: AuthFrame, transports: list[Transport]) -> None:
-    async with FacilitatorSimulator(idle_timeout=0.2) as sim:
+async def test_lenient_idle_connection_is_closed_3001(auth_frame: AuthFrame, transports: list[Transport]) -> None:
+    async with FacilitatorSimulator(lenient=True, idle_timeout=0.2) as sim:
         transport = await authenticated(sim, auth_frame, transports)
         assert (await closed(transport)).code == 3001
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -180,7 +182,7 @@ async def test_ten_mib_frames_pass_both_ways(
         "message_type": "V0MachineSpecsUpdate",
         "miner_hotkey": "5F",
         "validator_hotkey": "5G",
-        "specs": {"blob": big},
+        "specs": {"cpu": {"count": 1}, "ram": {}, "hard_disk": {}, "blob": big},  # extra keys fit at the top
         "batch_id": "b",
     }
     await transport.send(orjson.dumps(specs).decode())
@@ -266,9 +268,10 @@ async def test_send_that_cannot_complete_times_out(
     send_timeout = 0.5
     transport = await open_authenticated(simulator, auth_frame, transports, send_timeout=send_timeout)
     await simulator.stall()
-    frame = "x" * (10 * MiB)
+    # Incompressible (permessage-deflate is on): each frame really takes its size in socket buffers.
+    frame = base64.b64encode(random.Random(1).randbytes(3 * MiB)).decode()
     with pytest.raises(TransportClosed) as caught:
-        for _ in range(10):  # socket buffers hold a few MiB; a stalled peer fills them at once
+        for _ in range(20):  # socket buffers hold a few MiB; a stalled peer fills them at once
             started = time.monotonic()
             await transport.send(frame)
     assert time.monotonic() - started < send_timeout + 1.0

@@ -14,6 +14,7 @@ __all__ = [
     "CliError",
     "Command",
     "Parser",
+    "at_least",
     "host_port",
     "non_negative",
     "port",
@@ -61,6 +62,22 @@ def non_negative(value: str) -> float:
     if not number >= 0:
         raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
     return number
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """A whole number >= ``minimum`` (an argparse type)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value!r} must be >= {minimum}")
+        return number
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
 
 
 def port(value: str) -> int:

@@ -8,30 +8,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streams.cli.common import CliError, Command, run_until_signalled
+from streams.cli.common import CliError, Command, at_least, non_negative, positive, run_until_signalled
 from streams.devtools.demo import DemoResult, print_summary, run_demo
 from streams.exceptions import RecordingError
+
+__all__ = ["register"]
 
 
 def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser("demo", help="the simulator and a client, with a live view and a summary")
-    parser.add_argument("--jobs", type=int, default=50, help="job requests the facilitator sends (default 50)")
-    parser.add_argument("--duration", type=float, default=45.0,
+    parser.add_argument("--jobs", type=at_least(1), default=50, help="job requests the facilitator sends (default 50)")
+    parser.add_argument("--duration", type=positive, default=45.0,
                         help="stop after this many seconds, finished or not (default 45)")
     parser.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
                         help="inject drops, close codes, a stall and an auth refusal (default on)")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--step-delay", type=float, default=0.15, help="simulated job step delay")
+    parser.add_argument("--step-delay", type=non_negative, default=0.15, help="simulated job step delay")
     parser.add_argument("--record", type=Path, default=None,
                         help="recording file (default recordings/demo-<time>.jsonl)")
     return {"demo": _demo}
 
 
 async def _demo(args: argparse.Namespace) -> None:
-    if args.jobs < 1:
-        raise CliError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.duration <= 0 or args.step_delay < 0:
-        raise CliError("--duration must be > 0 and --step-delay >= 0")
     record: Path = args.record or Path("recordings") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl"
     if args.record is None:
         record.parent.mkdir(parents=True, exist_ok=True)

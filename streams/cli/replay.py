@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from streams.cli.common import CliError, Command, non_negative, port, positive, run_until_signalled
+from streams.cli.common import CliError, Command, at_least, non_negative, port, positive, run_until_signalled
 from streams.devtools.replay import ReplayServer, summarize
 from streams.exceptions import ReplayError
 from streams.recording import load_recording
+
+__all__ = ["register"]
 
 
 def register(sub: Any) -> dict[str, Command]:
@@ -38,7 +40,7 @@ def register(sub: Any) -> dict[str, Command]:
     parser.add_argument(
         "--allow-truncated", action="store_true", help="ignore a truncated last line (a recorder killed mid-write)"
     )
-    parser.add_argument("--timeline", type=int, default=40, metavar="N", help="show at most N timeline lines")
+    parser.add_argument("--timeline", type=at_least(2), default=40, metavar="N", help="show at most N timeline lines")
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return {"replay": _replay_command}
 
@@ -49,7 +51,7 @@ async def _replay_command(args: argparse.Namespace) -> None:
     except ReplayError as exc:
         raise CliError(str(exc)) from None
     if not args.serve:
-        print(summarize(recording).render(max_timeline=max(2, args.timeline)))
+        print(summarize(recording).render(max_timeline=args.timeline))
         return
     server = ReplayServer(
         recording,

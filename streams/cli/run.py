@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 
-from streams.cli.common import CliError, Command, host_port, positive, run_until_signalled
+from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.cli.report import LOGGER as STATUS_LOGGER
 from streams.cli.report import StatusLines
-from streams.config import ClientConfig
+from streams.config import AuthMode, ClientConfig
 from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
 from streams.events import SystemEvent
 from streams.exceptions import ConfigError, RecordingError
@@ -32,8 +32,13 @@ def register(sub: Any) -> dict[str, Command]:
     keys.add_argument("--wallet-name")
     keys.add_argument("--wallet-hotkey")
     keys.add_argument("--wallet-path", default="~/.bittensor/wallets")
+    run.add_argument(
+        "--auth-mode", choices=[mode.value for mode in AuthMode], default=AuthMode.MESSAGE.value,
+        help="how each connection authenticates: `message` (V0AuthenticationRequest, the deployed facilitator), "
+        "`headers` (signed X-Timestamp/X-Public-Key/X-Signature handshake headers, the upstream draft) or `both`",
+    )
     run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
-    run.add_argument("--step-delay", type=float, default=0.5, help="simulated dispatcher: seconds per step")
+    run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
     run.add_argument("--heartbeat-period", type=positive, default=60.0)
     run.add_argument("--ping-interval", type=positive, default=20.0)
     run.add_argument("--ping-timeout", type=positive, default=20.0)
@@ -82,8 +87,6 @@ def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | Non
 
         return dispatcher_from_args(args)
     if spec == "simulated":
-        if step_delay < 0:
-            raise CliError(f"--step-delay must be >= 0, got {step_delay}")
         return SimulatedDispatcher(step_delay)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -139,6 +142,7 @@ async def _run(args: argparse.Namespace) -> None:
             ping_timeout=args.ping_timeout,
             backoff_base=args.backoff_base,
             backoff_cap=args.backoff_cap,
+            auth_mode=AuthMode(args.auth_mode),
             statsd_host=args.statsd[0] if args.statsd else None,
             statsd_port=args.statsd[1] if args.statsd else 8125,
         )

@@ -6,31 +6,47 @@ import argparse
 import sys
 from typing import Any
 
-from streams.cli.common import CliError, Command, run_until_signalled
+from streams.cli.common import CliError, Command, at_least, non_negative, port, run_until_signalled
 from streams.devtools.simulator import FacilitatorSimulator, serve_forever
+
+__all__ = ["register"]
 
 
 def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser("simulate", help="run a protocol-faithful facilitator simulator")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--jobs", type=int, default=0, help="job requests for the first validator that connects")
-    parser.add_argument("--job-interval", type=float, default=0.0, help="seconds between job requests")
+    parser.add_argument("--port", type=port, default=8765)
+    parser.add_argument("--jobs", type=at_least(0), default=0, help="job requests for the first validator to connect")
+    parser.add_argument("--job-interval", type=non_negative, default=0.0, help="seconds between job requests")
     parser.add_argument("--allow", action="append", metavar="SS58", help="allowed validator hotkey (repeatable)")
-    parser.add_argument("--ack-delay", type=float, default=0.0, help="delay every Response by this many seconds")
-    parser.add_argument("--chaos-every", type=int, default=None, help="inject a random fault every ~N frames")
+    parser.add_argument("--ack-delay", type=non_negative, default=0.0, help="delay every Response by this many seconds")
+    parser.add_argument("--chaos-every", type=at_least(1), default=None, help="inject a random fault every ~N frames")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--lenient",
+        action="store_true",
+        help="kinder than production: no server pings, 50 MiB frames, no compression, jobs queued for a "
+        "validator without a fresh heartbeat and sent to its newest connection only, idle eviction, "
+        "any specs and metadata accepted",
+    )
+    parser.add_argument(
+        "--auth-mode",
+        action="append",
+        choices=("message", "headers"),
+        metavar="MODE",
+        help="what authenticates a connection: `message` (production today) and/or `headers` "
+        "(connect-time draft); repeatable (default both)",
+    )
     return {"simulate": _simulate}
 
 
 async def _simulate(args: argparse.Namespace) -> None:
-    if args.jobs < 0 or args.job_interval < 0 or args.ack_delay < 0:
-        raise CliError("--jobs, --job-interval and --ack-delay must be >= 0")
-    if not 0 <= args.port < 65536:
-        raise CliError(f"--port must be 0-65535, got {args.port}")
 
     def ready(sim: FacilitatorSimulator) -> None:
-        print(f"facilitator simulator listening on {sim.url}", flush=True)
+        mode = "lenient" if sim.lenient else "strict"
+        print(
+            f"facilitator simulator listening on {sim.url} ({mode}; jobs signed by {sim.job_signer_ss58})", flush=True
+        )
 
     async def serve() -> None:
         try:
@@ -43,6 +59,8 @@ async def _simulate(args: argparse.Namespace) -> None:
                 ack_delay=args.ack_delay,
                 chaos_every=args.chaos_every,
                 seed=args.seed,
+                lenient=args.lenient,
+                auth_modes=args.auth_mode or ("message", "headers"),
                 on_ready=ready,
             )
         except OSError as exc:

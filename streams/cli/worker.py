@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from streams.cli.common import CliError, Command
+from streams.cli.common import CliError, Command, at_least, non_negative
 from streams.dispatchers.celery import (
     DEFAULT_QUEUE,
     GROUP,
@@ -17,6 +17,8 @@ from streams.dispatchers.celery import (
     check_redis_url,
     worker_command,
 )
+
+__all__ = ["add_run_flags", "dispatcher_from_args", "register"]
 
 
 def add_run_flags(run: argparse.ArgumentParser) -> None:
@@ -37,8 +39,8 @@ def register(sub: Any) -> dict[str, Command]:
     worker.add_argument("--broker", required=True, metavar="URL", help="Redis broker, e.g. redis://HOST:6379/0")
     worker.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue to consume (default {DEFAULT_QUEUE})")
     worker.add_argument("--stream-key", default=STREAM_KEY, help="Redis Stream the statuses go to")
-    worker.add_argument("--step-delay", type=float, default=0.5, help="seconds per lifecycle step (default 0.5)")
-    worker.add_argument("--concurrency", type=int, default=8, help="jobs run at once (default 8)")
+    worker.add_argument("--step-delay", type=non_negative, default=0.5, help="seconds per lifecycle step (default 0.5)")
+    worker.add_argument("--concurrency", type=at_least(1), default=8, help="jobs run at once (default 8)")
     worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"],
                         help="Celery worker pool (default threads: the sample job only sleeps)")
     return {"worker": _worker}
@@ -65,10 +67,6 @@ def dispatcher_from_args(args: argparse.Namespace) -> CeleryDispatcher:
 
 async def _worker(args: argparse.Namespace) -> None:
     """Replace this process with the Celery worker: Celery then owns signals (SIGTERM: warm shutdown)."""
-    if args.step_delay < 0:
-        raise CliError(f"--step-delay must be >= 0, got {args.step_delay}")
-    if args.concurrency < 1:
-        raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
     try:
         check_redis_url(args.broker)
     except ValueError as exc:

@@ -69,7 +69,7 @@ class ManagedDispatcher(Dispatcher, Protocol):
     async def stop(self) -> None: ...
 
 
-AckOutcomeName = Literal["success", "duplicate", "error"]
+AckOutcomeName = Literal["success", "duplicate", "error", "refused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,8 @@ class StatusAck:
     job_uuid: str
     status: str
     outcome: AckOutcomeName
-    """``success``, ``duplicate`` (``job.integrity_error``: already stored) or ``error``."""
+    """``success``, ``duplicate`` (``job.integrity_error``: already stored), ``error``, or ``refused``
+    (never sent: the client refused it at enqueue, e.g. over the frame size limit; reported as an event)."""
 
 
 class StatusFeed(Protocol):

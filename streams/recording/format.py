@@ -26,6 +26,19 @@ from streams.protocol import (
     json_kind,
 )
 
+__all__ = [
+    "FORMAT",
+    "SUPPORTED_VERSIONS",
+    "VERSION",
+    "ConnectionEvent",
+    "Frame",
+    "Header",
+    "OtherEvent",
+    "Record",
+    "Recording",
+    "load_recording",
+]
+
 log = logging.getLogger(__name__)
 
 FORMAT: Final = "facilitator-capture"

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -390,9 +390,9 @@ class RecordingTransport(Transport):
         if self._open is not None and not self.inner.is_connected():
             self._record_close(self.inner.close_info)
 
-    async def connect(self) -> None:
+    async def connect(self, *, headers: Mapping[str, str] | None = None) -> None:
         self._sync_state()
-        await self.inner.connect()
+        await self.inner.connect(headers=headers)  # not recorded: they carry a signature
         self._conn += 1
         self._open = self._conn
         self.recorder.record_open(self._conn)

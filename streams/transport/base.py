@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from websockets.exceptions import (
@@ -55,6 +56,8 @@ class CloseInfo:
     """The close reason text, or a description when the peer gave none."""
     exception: BaseException | None
     """What ended it: ConnectionClosed*, TimeoutError, OSError, InvalidHandshake, ..."""
+    http_status: int | None = None
+    """The HTTP status of a refused opening handshake (e.g. 403: connect-time auth refused)."""
 
     def describe(self) -> str:
         """One line for logs and events: ``code 3001 (reason) — ConnectionClosedError: ...``."""
@@ -106,8 +109,12 @@ class Transport(abc.ABC):
     """One connection at a time; reusable (connect() again after it ends); never reconnects itself."""
 
     @abc.abstractmethod
-    async def connect(self) -> None:
-        """Open a new connection; TransportConnectError on failure, RuntimeError if already open."""
+    async def connect(self, *, headers: Mapping[str, str] | None = None) -> None:
+        """Open a new connection; TransportConnectError on failure, RuntimeError if already open.
+
+        ``headers`` go with this attempt's opening handshake only (connect-time auth signs a fresh
+        timestamp per attempt), on top of any the transport sends every time.
+        """
 
     @abc.abstractmethod
     async def send(self, frame: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from streams.exceptions import TransportClosed, TransportConnectError
@@ -92,6 +93,8 @@ class MemoryPeer:
         self.connections = 0
         """Connections accepted so far."""
         self.connect_attempts = 0
+        self.request_headers: list[dict[str, str]] = []
+        """The per-attempt headers of every connect() (what a websocket server would see)."""
         self._max_queue = max_queue
         self._link: _Link | None = None
         self._changed = asyncio.Event()
@@ -100,8 +103,9 @@ class MemoryPeer:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _open(self) -> _Link:
+    def _open(self, headers: Mapping[str, str] | None = None) -> _Link:
         self.connect_attempts += 1
+        self.request_headers.append(dict(headers or {}))
         if self.refuse:
             self._notify()
             refused = ConnectionRefusedError("peer.refuse is set")
@@ -181,12 +185,12 @@ class MemoryTransport(Transport):
         self._link: _Link | None = None
         self._close_info: CloseInfo | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, *, headers: Mapping[str, str] | None = None) -> None:
         if self.is_connected():
             raise RuntimeError("transport is already connected (close() or abort() it first)")
         await asyncio.sleep(0)  # a real connect yields; keep callers honest about that
         try:
-            self._link = self.peer._open()
+            self._link = self.peer._open(headers)
         except TransportConnectError as exc:
             self._link = None
             self._close_info = exc.info

@@ -20,6 +20,7 @@ from websockets.protocol import State
 
 from streams.config import validate_ws_url
 from streams.exceptions import TransportClosed, TransportConnectError
+from streams.protocol import MAX_FRAME_BYTES
 from streams.transport.base import (
     ABNORMAL_CLOSURE,
     CloseInfo,
@@ -62,7 +63,7 @@ class WebSocketTransport(Transport):
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        max_size: int = 50 * 2**20,
+        max_size: int = MAX_FRAME_BYTES,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         open_timeout: float = 10.0,
@@ -98,7 +99,7 @@ class WebSocketTransport(Transport):
             send_timeout=config.send_timeout,
         )
 
-    async def connect(self) -> None:
+    async def connect(self, *, headers: Mapping[str, str] | None = None) -> None:
         if self.is_connected() or self._connecting:
             raise RuntimeError("transport is already connected (close() or abort() it first)")
         if self._conn is not None:  # ended (or ending) without anyone noticing: settle it first
@@ -107,14 +108,15 @@ class WebSocketTransport(Transport):
         try:
             ws = await connect(
                 self.url,
-                additional_headers=self._headers,
+                additional_headers=self._headers if not headers else {**self._headers, **headers},
                 max_size=self._max_size,
                 ping_interval=None,  # see _keepalive
                 open_timeout=self._open_timeout,
                 close_timeout=self._close_timeout,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
-            self._close_info = CloseInfo(None, self._connect_failure(exc), exc)
+            status = exc.response.status_code if isinstance(exc, InvalidStatus) else None
+            self._close_info = CloseInfo(None, self._connect_failure(exc), exc, status)
             raise TransportConnectError(self._close_info) from exc
         finally:
             self._connecting = False

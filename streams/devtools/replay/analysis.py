@@ -29,9 +29,10 @@ from operators import (
     match_acks,
     partition_by,
 )
+from streams.client import INBOUND_ROUTES, inbound_route
 from streams.devtools.replay.pairing import AUTH_KIND, expects_response, match_responses
 from streams.devtools.replay.playback import replay
-from streams.devtools.replay.summary import ConnectionSummary, Outage, connection_summaries, message_name
+from streams.devtools.replay.summary import ConnectionSummary, Outage, connection_summaries
 from streams.protocol import (
     InboundMessage,
     Response,
@@ -39,6 +40,8 @@ from streams.protocol import (
     message_kind,
 )
 from streams.recording.format import ConnectionEvent, Frame, Record, Recording
+
+__all__ = ["Analysis", "Inbound", "analyze"]
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,6 @@ def _top_key(record: Record) -> str:
 Inbound = Decoded[InboundMessage] | Malformed
 
 
-def _route(item: Inbound) -> str:
-    return "malformed" if isinstance(item, Malformed) else message_name(item.message)
 
 
 def analyze(recording: Recording, *, bin_seconds: float = 1.0) -> Analysis:
@@ -159,7 +160,7 @@ def analyze(recording: Recording, *, bin_seconds: float = 1.0) -> Analysis:
         ops.map(lambda record: record.frame if isinstance(record, Frame) else b""),
         decode_frames(decode),
     )
-    routes = partition_by(inbound, _route, ["Response", "V2JobRequest", "V0JobCheated", "malformed"])
+    routes = partition_by(inbound, inbound_route, INBOUND_ROUTES)
 
     def on_out(record: Record) -> None:
         nonlocal in_flight_count, conn, authenticated

@@ -18,6 +18,16 @@ from streams.protocol import (
 )
 from streams.recording.format import ConnectionEvent, Frame, Recording
 
+__all__ = [
+    "AUTH_KIND",
+    "Ack",
+    "Pairing",
+    "decode_response",
+    "expects_response",
+    "match_responses",
+    "playback_frames",
+]
+
 log = logging.getLogger(__name__)
 
 AUTH_KIND = "V0AuthenticationRequest"

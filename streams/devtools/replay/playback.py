@@ -13,6 +13,8 @@ from reactivex.disposable import SerialDisposable
 
 from streams.recording.format import Record, Recording
 
+__all__ = ["replay"]
+
 log = logging.getLogger(__name__)
 
 

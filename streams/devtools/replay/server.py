@@ -14,6 +14,8 @@ from streams.protocol import (
 )
 from streams.recording.format import Recording
 
+__all__ = ["NOT_AUTHENTICATED_FRAME", "SUCCESS_FRAME", "ReplayServer"]
+
 log = logging.getLogger(__name__)
 
 SUCCESS_FRAME = '{"status":"success","errors":[]}'

@@ -6,20 +6,21 @@ import logging
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from streams.devtools.replay.pairing import Ack, Pairing, decode_response, match_responses
+from streams.metrics import quantile
 from streams.protocol import (
     DecodeError,
-    InboundMessage,
-    Response,
     decode,
     message_kind,
 )
 from streams.recording.format import ConnectionEvent, Frame, Header, OtherEvent, Recording
+
+__all__ = ["ConnectionSummary", "Outage", "Summary", "connection_summaries", "inbound_kind", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,8 @@ def inbound_kind(frame: str | bytes) -> str:
         message = decode(frame)
     except DecodeError:
         return "malformed"
-    return message_name(message)
+    return message_kind(message)
 
-
-def message_name(message: InboundMessage) -> str:
-    if isinstance(message, Response):
-        return "Response"
-    return message.message_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +71,6 @@ class Outage:
     @property
     def duration(self) -> float:
         return self.end - self.start
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +136,7 @@ class Summary:
             lines.append(
                 f"  acks: {len(latencies)} answered, {len(self.unanswered)} unanswered, "
                 f"{self.unexpected_responses} unexpected; latency median {statistics.median(latencies) * 1000:.1f} ms, "
-                f"p95 {_quantile(latencies, 0.95) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
+                f"p95 {quantile(sorted(latencies), 0.95) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
             )
         lines.append("timeline:")
         events: list[tuple[float, int, str]] = []

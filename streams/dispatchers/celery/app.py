@@ -22,6 +22,8 @@ from streams.dispatchers.celery import (
     make_celery_app,
 )
 
+__all__ = ["app"]
+
 app: Any = make_celery_app(
     os.environ.get(ENV_BROKER) or DEFAULT_BROKER,
     os.environ.get(ENV_QUEUE) or DEFAULT_QUEUE,
