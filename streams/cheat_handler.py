@@ -1,4 +1,7 @@
-"""Cheat reports go to the host's ``on_cheat`` handler, each in an owned task; a raise is reported."""
+"""Cheat reports go to the host's ``on_cheat`` handler, each in an owned task; a raise is reported.
+
+A report whose signature does not verify never reaches ``on_cheat``: it is published on ``rejected``.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from reactivex.subject import Subject
 from streams.dispatchers.callback import require_async
 from streams.lifecycle import TaskOwner
 from streams.protocol import V0JobCheated
+from streams.signatures import SignatureVerifier, Verification
 
-__all__ = ["CheatHandler", "CheatHandlerFailure", "CheatReportHandler"]
+__all__ = ["CheatHandler", "CheatHandlerFailure", "CheatRejected", "CheatReportHandler"]
 
 CheatHandler = Callable[[V0JobCheated], Awaitable[None]]
 
@@ -23,19 +27,37 @@ class CheatHandlerFailure:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class CheatRejected:
+    report: V0JobCheated
+    verification: Verification
+
+
 class CheatReportHandler:
-    def __init__(self, handler: CheatHandler | None) -> None:
+    def __init__(self, handler: CheatHandler | None, verifier: SignatureVerifier | None = None) -> None:
         if handler is not None:
             require_async(handler, "on_cheat", "an `async def on_cheat(report)` function")
         self._handler = handler
         self._tasks = TaskOwner("cheat-reports")
         self._failures: Subject[CheatHandlerFailure] = Subject()
+        self._verifier = verifier
+        self._rejected: Subject[CheatRejected] = Subject()
 
     @property
     def failures(self) -> reactivex.Observable[CheatHandlerFailure]:
         return self._failures
 
+    @property
+    def rejected(self) -> reactivex.Observable[CheatRejected]:
+        """Reports whose signature did not verify: not passed to ``on_cheat``."""
+        return self._rejected
+
     def submit(self, report: V0JobCheated) -> None:
+        if self._verifier is not None:
+            verification = self._verifier.verify_cheat(report)
+            if not verification.ok:
+                self._rejected.on_next(CheatRejected(report, verification))
+                return
         if self._handler is None:
             return
         self._tasks.start(self._run(self._handler, report), report.job_uuid)
@@ -52,3 +74,4 @@ class CheatReportHandler:
     async def stop(self) -> None:
         await self._tasks.aclose()
         self._failures.on_completed()
+        self._rejected.on_completed()

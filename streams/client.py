@@ -36,6 +36,7 @@ from streams.message_manager import AckOutcome, Depth, MessageManager
 from streams.metrics import Metrics
 from streams.performance_monitor import PerformanceMonitor
 from streams.protocol import InboundMessage, JobStatus, Signer, V0MachineSpecsUpdate, decode, message_kind
+from streams.signatures import SignatureVerifier
 from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
 
@@ -148,10 +149,20 @@ class FacilitatorClient:
         )
         self._statuses = JobStatusUpdateManager()
         self._specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
-        self._jobs = JobDispatcher(
-            dispatcher, self._statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window
+        self._verifier = (
+            SignatureVerifier(
+                own_hotkey=signer.public_key,
+                trusted_signatories=config.trusted_signatories,
+                max_age=config.signature_max_age,
+            )
+            if config.verify_signatures
+            else None
         )
-        self._cheats = CheatReportHandler(on_cheat)
+        self._jobs = JobDispatcher(
+            dispatcher, self._statuses, max_concurrent=config.max_concurrent_jobs, dedup_window=config.dedup_window,
+            verifier=self._verifier,
+        )
+        self._cheats = CheatReportHandler(on_cheat, verifier=self._verifier)
         self._phase = _Phase.NEW
         self._stop_requested = asyncio.Event()
         self._done = asyncio.Event()
@@ -215,6 +226,7 @@ class FacilitatorClient:
         self._phase = _Phase.RUNNING
         try:
             async with contextlib.AsyncExitStack() as stack:
+                self._warn_about_trust()
                 await self._start_components(stack)
                 await self._run_until_stopped()
                 await self._drain(self._config.drain_timeout)  # stop(): drain while still connected
@@ -312,6 +324,22 @@ class FacilitatorClient:
             return
         await self._drain(self._config.cancel_drain_timeout)
         await self._connection.stop(close_timeout=0.5)
+
+    def _warn_about_trust(self) -> None:
+        """Once at start: say loudly when jobs are not checked, or anyone with a valid key may send them."""
+        if self._verifier is None:
+            text = "signature verification is OFF (verify_signatures=False): every job request is run unchecked"
+            subtype = "signatures_not_verified"
+        elif self._verifier.accepts_any:
+            text = (
+                "no trusted signatories configured: a job signed by anyone with a valid signature is run "
+                "(set trusted_signatories / --trusted-signer)"
+            )
+            subtype = "any_signatory_accepted"
+        else:
+            return
+        log.warning(text)
+        self._monitor.emit(EventType.CONFIG_WARNING, subtype, text, setting=subtype)
 
     def _spec_source_failed(self, exc: BaseException) -> None:
         self._monitor.emit(

@@ -25,9 +25,10 @@ from streams.dispatchers.base import Dispatcher, FeedingDispatcher, Handler, Man
 from streams.dispatchers.callback import as_dispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.lifecycle import TaskOwner
-from streams.protocol import JobStatus, JobStatusUpdate, V2JobRequest
+from streams.protocol import JobRejectionReason, JobStatus, JobStatusUpdate, V2JobRequest
+from streams.signatures import SignatureVerifier, Verification
 
-__all__ = ["JobDispatcher", "JobFailure", "JobUnfinished"]
+__all__ = ["JobDispatcher", "JobFailure", "JobRejected", "JobUnfinished"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ class JobUnfinished(Exception):
     """The dispatcher ended without the job reaching a final status (the client reported horde_failed)."""
 
 
+@dataclass(frozen=True, slots=True)
+class JobRejected:
+    """A job not run because its signature did not verify; it was reported ``rejected``."""
+
+    job: V2JobRequest
+    verification: Verification
+
+
 class JobDispatcher:
     """The component: owns the job tasks and the dedup window."""
 
@@ -54,7 +63,9 @@ class JobDispatcher:
         *,
         max_concurrent: int | None = 100,
         dedup_window: int = 100_000,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
+        """``verifier``: every job must pass it before dispatch; None dispatches unverified (tests)."""
         self._dispatcher = as_dispatcher(dispatcher)
         self._feeding = isinstance(self._dispatcher, FeedingDispatcher)
         self._statuses = statuses
@@ -66,6 +77,8 @@ class JobDispatcher:
         self._dispatched: Subject[V2JobRequest] = Subject()
         self._duplicates: Subject[V2JobRequest] = Subject()
         self._failures: Subject[JobFailure] = Subject()
+        self._verifier = verifier
+        self._rejected: Subject[JobRejected] = Subject()
         self._finished: Subject[str] = Subject()
 
     @property
@@ -85,6 +98,11 @@ class JobDispatcher:
         return self._failures
 
     @property
+    def rejected(self) -> reactivex.Observable[JobRejected]:
+        """Jobs refused by signature verification (never dispatched)."""
+        return self._rejected
+
+    @property
     def finished(self) -> reactivex.Observable[str]:
         """Job uuids whose dispatcher call returned, raised or was cancelled."""
         return self._finished
@@ -94,7 +112,13 @@ class JobDispatcher:
         return len(self._tasks)
 
     def submit(self, job: V2JobRequest) -> None:
-        """Called for every inbound job request, on the loop thread; never blocks."""
+        """Called for every inbound job request, on the loop thread; never blocks.
+
+        A uuid is handled once (dedup first, so a forged copy of a job already running cannot end it
+        with a ``rejected``). Then the signature: a job that fails is reported ``rejected``
+        (``invalid_signature``, the message says what failed) and never reaches the dispatcher.
+        The check runs inline (~65-100 µs, about what decoding the frame costs; see bench.verify).
+        """
         if not self._accepting:
             log.warning("job %s not dispatched: the client is stopping", job.uuid)
             return
@@ -104,8 +128,16 @@ class JobDispatcher:
         self._seen[job.uuid] = None
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
+        verification = None if self._verifier is None else self._verifier.verify_job(job)
         report = self._statuses.open(job.uuid)
         try:
+            if verification is not None and not verification.ok:
+                update = JobStatusUpdate.rejected(
+                    job.uuid, JobRejectionReason.INVALID_SIGNATURE, verification.message
+                )
+                report(update.status, update.metadata)
+                self._rejected.on_next(JobRejected(job, verification))
+                return
             report(JobStatus.RECEIVED)
         except ValueError as exc:
             # A uuid that is not a UUID: no status can ever be reported for this job, so it is not
@@ -171,5 +203,5 @@ class JobDispatcher:
         await self._tasks.aclose()
         if isinstance(self._dispatcher, ManagedDispatcher):
             await self._dispatcher.stop()
-        for subject in (self._dispatched, self._duplicates, self._failures, self._finished):
+        for subject in (self._dispatched, self._duplicates, self._failures, self._rejected, self._finished):
             subject.on_completed()

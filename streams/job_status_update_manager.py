@@ -8,15 +8,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import reactivex
+from pydantic import ValidationError
 from reactivex.subject import Subject
 
 from streams.dispatchers.base import Metadata
 from streams.exceptions import MessageRefused, UsageError
 from streams.protocol import JobStatus, JobStatusMetadata, JobStatusUpdate
 
-__all__ = ["JobReporter", "JobStatusUpdateManager"]
+__all__ = ["JobReporter", "JobStatusUpdateManager", "build_update"]
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,16 @@ class JobStatusUpdateManager:
     def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> bool:
         """Queue a status update. False (and a warning) once the job's stream has ended.
 
-        Raises :class:`~streams.exceptions.MessageRefused` (a ValueError) when the outbox refuses the
+        Raises ValueError, naming the field, for a status or metadata the facilitator would not
+        take (PROTOCOL.md "Typed status metadata"): nothing invalid is queued. Raises
+        :class:`~streams.exceptions.MessageRefused` (a ValueError) when the outbox refuses the
         update (its frame is over ``max_outbound_frame_bytes``); the job's stream then stays open, so a
         smaller final status can still be reported.
         """
+        update = build_update(job_uuid, status, metadata)
         if job_uuid not in self._open:
             log.warning("status %s for job %s ignored: its status stream has ended", status, job_uuid)
             return False
-        update = JobStatusUpdate(uuid=job_uuid, status=JobStatus(status), metadata=_metadata(metadata))
         if self._started:
             self._updates.on_next(update)
         else:
@@ -101,7 +105,38 @@ class JobStatusUpdateManager:
         self._updates.on_completed()
 
 
-def _metadata(metadata: Metadata) -> JobStatusMetadata | None:
-    if metadata is None or isinstance(metadata, JobStatusMetadata):
-        return metadata
-    return JobStatusMetadata.model_validate(dict(metadata))
+_MAX_ERRORS_SHOWN = 5
+
+
+def build_update(job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> JobStatusUpdate:
+    """The JobStatusUpdate ``report(status, metadata)`` queues, or a ValueError saying what is wrong.
+
+    A dispatcher's mistake must surface at its own call, not as an error Response after the fact
+    (or never: the facilitator stores an unknown enum value as ``unknown``).
+    """
+    try:
+        status = JobStatus(status)
+    except ValueError:
+        raise ValueError(
+            f"report(): status {status!r} is not a job status; expected one of {', '.join(JobStatus)}"
+        ) from None
+    if metadata is not None and not isinstance(metadata, JobStatusMetadata | Mapping):
+        raise ValueError(
+            f"report(): metadata must be a mapping, a JobStatusMetadata or None, not {type(metadata).__name__}"
+        )
+    try:
+        if isinstance(metadata, Mapping):
+            metadata = JobStatusMetadata.model_validate(dict(metadata))
+        return JobStatusUpdate(uuid=job_uuid, status=status, metadata=metadata)
+    except ValidationError as exc:
+        raise ValueError(f"report(): invalid {status.value} update for job {job_uuid}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """``metadata.job_failure_details.reason: Input should be 'unknown', ...`` per error, briefly."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    prefix = "" if exc.title == JobStatusUpdate.__name__ else "metadata."
+    parts = [f"{prefix}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:_MAX_ERRORS_SHOWN]]
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        parts.append(f"(+{len(errors) - _MAX_ERRORS_SHOWN} more)")
+    return "; ".join(parts)

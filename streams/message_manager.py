@@ -47,8 +47,7 @@ from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
 from streams.exceptions import InvalidSpecs, MessageRefused, MessageTooLarge, TransportClosed, UsageError
-from streams.protocol import OutboundMessage, Response, V0MachineSpecsUpdate, encode
-from streams.specs import validate_specs
+from streams.protocol import OutboundMessage, Response, V0MachineSpecsUpdate, encode, validate_specs
 
 __all__ = [
     "HEARTBEAT_KIND",

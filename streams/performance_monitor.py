@@ -14,7 +14,7 @@ import reactivex
 from reactivex.disposable import CompositeDisposable
 
 from operators import Decoded, Dropped, Malformed
-from streams.cheat_handler import CheatHandlerFailure, CheatReportHandler
+from streams.cheat_handler import CheatHandlerFailure, CheatRejected, CheatReportHandler
 from streams.connection_manager import (
     AuthRejected,
     ConnectAttempt,
@@ -28,7 +28,7 @@ from streams.connection_manager import (
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
 from streams.exceptions import DecodeError, DispatcherError, InvalidSpecs, MessageTooLarge
-from streams.job_dispatcher import JobDispatcher, JobFailure
+from streams.job_dispatcher import JobDispatcher, JobFailure, JobRejected
 from streams.message_manager import (
     AckOutcome,
     Depth,
@@ -172,6 +172,8 @@ class PerformanceMonitor:
         add(jobs.finished.subscribe(self._on_job_finished))
         add(jobs.duplicates.subscribe(lambda job: self.metrics.incr("jobs.duplicates")))
         add(jobs.failures.subscribe(self._on_job_failure))
+        add(jobs.rejected.subscribe(self._on_job_rejected))
+        add(cheats.rejected.subscribe(self._on_cheat_rejected))
         add(cheat_reports.subscribe(lambda _report: self.metrics.incr("cheat.reports")))
         add(cheats.failures.subscribe(self._on_cheat_failure))
         if isinstance(jobs.dispatcher, FailureReporting):  # e.g. CeleryDispatcher: Redis/broker trouble
@@ -387,6 +389,27 @@ class PerformanceMonitor:
             EventType.JOB_DISPATCH_FAILED, type(failure.error).__name__,
             f"dispatcher raised for job {failure.job_uuid}: {type(failure.error).__name__}: {failure.error}",
             job_uuid=failure.job_uuid, exception=type(failure.error).__name__, message=str(failure.error)[:500],
+        )
+
+    def _on_job_rejected(self, rejected: JobRejected) -> None:
+        self.metrics.incr("jobs.rejected")
+        check = rejected.verification
+        self.emit(
+            EventType.JOB_REJECTED, str(check.failure),
+            f"job {rejected.job.uuid} rejected (invalid_signature): {check.message}",
+            job_uuid=rejected.job.uuid, reason="invalid_signature", failure=str(check.failure),
+            message=check.message, signatory=check.signatory, timestamp_ns=check.timestamp_ns,
+        )
+
+    def _on_cheat_rejected(self, rejected: CheatRejected) -> None:
+        self.metrics.incr("cheat.rejected")
+        check = rejected.verification
+        self.emit(
+            EventType.CHEAT_REJECTED, str(check.failure),
+            f"cheat report for job {rejected.report.job_uuid} ignored: {check.message}",
+            job_uuid=rejected.report.job_uuid, trusted_job_uuid=rejected.report.trusted_job_uuid,
+            failure=str(check.failure), message=check.message, signatory=check.signatory,
+            timestamp_ns=check.timestamp_ns,
         )
 
     def _on_dispatcher_failure(self, failure: DispatcherError) -> None:

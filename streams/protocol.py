@@ -1,9 +1,12 @@
 """Wire models and codec for facilitator protocol v0 (see docs/PROTOCOL.md).
 
-Outbound models are strict (frozen, extra fields forbidden) because the real facilitator answers an
-unparseable frame with an error Response, which shifts FIFO ack matching, and crashes on some inputs.
-Inbound models are loose (extra fields kept) because the facilitator adds fields over time and the
-host re-validates job requests with its own models.
+Outbound models are strict (frozen, extra fields forbidden, the facilitator's enums) because the real
+facilitator answers an unparseable frame with an error Response, which shifts FIFO ack matching, stores
+an enum value it does not know as `unknown`, and crashes on some inputs (PROTOCOL.md "Typed status
+metadata"). Machine specs are checked against its hardware schema by `validate_specs` (its handler
+crashes on specs that do not fit). Inbound models are typed like upstream's (volume/upload unions,
+required time limits) but keep unknown fields, because the facilitator adds fields over time; the
+raw object is kept for the host.
 
 `decode` is the single entry point for inbound frames: it raises `DecodeError` and nothing else.
 """
@@ -12,10 +15,20 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core.core_schema import ValidationInfo
 
 from streams.exceptions import DecodeError
@@ -24,30 +37,56 @@ __all__ = [
     "FINAL_STATUSES",
     "IN_PROGRESS_STATUSES",
     "MAX_FRAME_BYTES",
+    "CpuSpecs",
     "DecodeError",
+    "GpuDetailsSpecs",
+    "GpuSpecs",
+    "HardDiskSpecs",
     "HordeFailureDetails",
+    "HordeFailureReason",
+    "HuggingfaceVolume",
     "InboundMessage",
+    "InlineVolume",
     "JobFailureDetails",
+    "JobFailureReason",
     "JobRejectionDetails",
+    "JobRejectionReason",
+    "JobStage",
     "JobStatus",
     "JobStatusMetadata",
     "JobStatusUpdate",
+    "JobStreamingDetails",
+    "JsonObject",
+    "MachineSpecs",
     "MinerResponse",
+    "MultiUpload",
+    "MultiVolume",
     "OutboundMessage",
+    "OutputUpload",
+    "Participant",
+    "RamSpecs",
     "Response",
     "ResponseError",
     "Signer",
+    "SingleFilePostUpload",
+    "SingleFilePutUpload",
+    "SingleFileVolume",
     "StreamingDetails",
     "V0AuthenticationRequest",
     "V0Heartbeat",
     "V0JobCheated",
     "V0MachineSpecsUpdate",
     "V2JobRequest",
+    "Volume",
+    "ZipAndHttpPostUpload",
+    "ZipAndHttpPutUpload",
+    "ZipUrlVolume",
     "decode",
     "decode_outbound",
     "encode",
     "excerpt",
     "message_kind",
+    "validate_specs",
 ]
 
 MAX_FRAME_BYTES: int = 50 * 1024 * 1024
@@ -160,13 +199,82 @@ class V0MachineSpecsUpdate(_Outbound):
     specs: dict[str, Any]
 
 
+class Participant(enum.StrEnum):
+    """Who rejected a job or reported a horde failure (the facilitator's JobParticipantType)."""
+
+    UNKNOWN = "unknown"
+    SDK = "sdk"
+    FACILITATOR = "facilitator"
+    VALIDATOR = "validator"
+    MINER = "miner"
+    EXECUTOR = "executor"
+
+
+class JobStage(enum.StrEnum):
+    """Where an accepted job failed."""
+
+    UNKNOWN = "unknown"
+    EXECUTOR_STARTUP = "executor_startup"
+    VOLUME_DOWNLOAD = "volume_download"
+    STREAMING_STARTUP = "streaming_startup"
+    EXECUTION = "execution"
+    RESULT_UPLOAD = "result_upload"
+
+
+class JobRejectionReason(enum.StrEnum):
+    UNKNOWN = "unknown"
+    BUSY = "busy"
+    INVALID_SIGNATURE = "invalid_signature"
+    NO_MINER_FOR_JOB = "no_miner_for_job"
+    VALIDATOR_BLACKLISTED = "validator_blacklisted"
+
+
+class JobFailureReason(enum.StrEnum):
+    UNKNOWN = "unknown"
+    TIMEOUT = "timeout"
+    NONZERO_RETURN_CODE = "nonzero_return_code"
+    DOWNLOAD_FAILED = "download_failed"
+    UPLOAD_FAILED = "upload_failed"
+
+
+class HordeFailureReason(enum.StrEnum):
+    UNKNOWN = "unknown"
+    GENERIC_ERROR = "generic_error"
+    UNHANDLED_EXCEPTION = "unhandled_exception"
+    UNHANDLED_TIMEOUT = "unhandled_timeout"
+    STREAMING_FAILED = "streaming_failed"
+    MINER_CONNECTION_FAILED = "miner_connection_failed"
+    INITIAL_RESPONSE_TIMED_OUT = "initial_response_timed_out"
+    EXECUTOR_READINESS_RESPONSE_TIMED_OUT = "executor_readiness_response_timed_out"
+    VOLUMES_TIMED_OUT = "volumes_timed_out"
+    STREAMING_JOB_READY_TIMED_OUT = "streaming_job_ready_timed_out"
+    EXECUTION_TIMED_OUT = "execution_timed_out"
+    FINAL_RESPONSE_TIMED_OUT = "final_response_timed_out"
+    EXECUTOR_SPINUP_FAILED = "executor_spinup_failed"
+    EXECUTOR_DISCONNECTED = "executor_disconnected"
+    SECURITY_CHECK_FAILED = "security_check_failed"
+
+
+JsonObject: TypeAlias = dict[str, JsonValue]
+"""A JSON object: what the facilitator takes as a `context` (anything else is a `dict_type` error)."""
+
+
 class _Metadata(BaseModel):
-    """Loose base for status metadata: every key optional, new keys kept (the protocol grows)."""
+    """Base for status metadata: as strict as the facilitator's models (PROTOCOL.md "Typed status
+    metadata"), and stricter in one way: unknown keys are refused where the facilitator would
+    silently drop them, so a host's typo is an error at `report(...)`, not a lost detail."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class MinerResponse(_Metadata):
+class _OpenMetadata(_Metadata):
+    """Where the facilitator keeps unknown keys: they are allowed, but must be JSON values."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, JsonValue] = Field(init=False)
+
+
+class MinerResponse(_OpenMetadata):
     """What the miner's job printed and produced."""
 
     # stdout before stderr: the key order of the captured real traffic. Both are required, as the
@@ -180,19 +288,19 @@ class MinerResponse(_Metadata):
 class JobRejectionDetails(_Metadata):
     """Why a job was rejected, and by whom."""
 
-    rejected_by: str
-    reason: str
+    rejected_by: Participant
+    reason: JobRejectionReason
     message: str
-    context: Any = None
+    context: JsonObject | None = None
 
 
 class JobFailureDetails(_Metadata):
     """Why and where an accepted job failed."""
 
-    reason: str
-    stage: str
+    reason: JobFailureReason
+    stage: JobStage
     message: str
-    context: Any = None
+    context: JsonObject | None = None
     docker_process_exit_status: int | None = None
     docker_process_stdout: str | None = None
     docker_process_stderr: str | None = None
@@ -201,21 +309,21 @@ class JobFailureDetails(_Metadata):
 class HordeFailureDetails(_Metadata):
     """A failure of the horde itself (validator, facilitator), not of the job."""
 
-    reported_by: str
-    reason: str
+    reported_by: Participant
+    reason: HordeFailureReason
     message: str
-    context: Any = None
+    context: JsonObject | None = None
 
 
 class StreamingDetails(_Metadata):
-    """Where the job's streaming server listens (sent with `streaming_ready`)."""
+    """Where the job's streaming server listens (sent with `streaming_ready`); no other key allowed."""
 
     streaming_server_cert: str | None = None
     streaming_server_address: str | None = None
     streaming_server_port: int | None = None
 
 
-class JobStatusMetadata(_Metadata):
+class JobStatusMetadata(_OpenMetadata):
     """Optional details of a status update; unset keys are omitted on the wire."""
 
     miner_response: MinerResponse | None = None
@@ -255,19 +363,40 @@ class JobStatusUpdate(_Outbound):
     def horde_failed(
         cls,
         uuid: str,
-        reason: str,
+        reason: HordeFailureReason | str,
         message: str = "",
-        reported_by: str = "validator",
-        context: Any = None,
+        reported_by: Participant | str = Participant.VALIDATOR,
+        context: JsonObject | None = None,
     ) -> JobStatusUpdate:
         """The final status a validator reports when it, not the job, failed."""
         details = HordeFailureDetails(
-            reported_by=reported_by, reason=reason, message=message, context=context
+            reported_by=Participant(reported_by), reason=HordeFailureReason(reason), message=message,
+            context=context,
         )
         return cls(
             uuid=uuid,
             status=JobStatus.HORDE_FAILED,
             metadata=JobStatusMetadata(horde_failure_details=details),
+        )
+
+    @classmethod
+    def rejected(
+        cls,
+        uuid: str,
+        reason: JobRejectionReason | str,
+        message: str,
+        rejected_by: Participant | str = Participant.VALIDATOR,
+        context: JsonObject | None = None,
+    ) -> JobStatusUpdate:
+        """The final status of a job that is not run (e.g. its signature did not verify)."""
+        details = JobRejectionDetails(
+            rejected_by=Participant(rejected_by), reason=JobRejectionReason(reason), message=message,
+            context=context,
+        )
+        return cls(
+            uuid=uuid,
+            status=JobStatus.REJECTED,
+            metadata=JobStatusMetadata(job_rejection_details=details),
         )
 
 
@@ -321,43 +450,266 @@ class _Inbound(BaseModel):
         return self._raw
 
 
+class _Tagged(BaseModel):
+    """Base of the volume and upload specs: typed like upstream, new keys tolerated (and kept).
+
+    Field declaration order is part of the wire contract: the job signature covers each spec
+    written with its declared fields in this order (see streams.signatures).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+
+class InlineVolume(_Tagged):
+    volume_type: Literal["inline"]
+    contents: str
+    relative_path: str | None = None
+
+
+class ZipUrlVolume(_Tagged):
+    volume_type: Literal["zip_url"]
+    contents: str
+    relative_path: str | None = None
+
+
+class SingleFileVolume(_Tagged):
+    volume_type: Literal["single_file"]
+    url: str
+    relative_path: str
+
+
+class HuggingfaceVolume(_Tagged):
+    volume_type: Literal["huggingface_volume"]
+    repo_id: str
+    repo_type: str | None = None
+    revision: str | None = None
+    relative_path: str | None = None
+    allow_patterns: str | list[str] | None = None
+    token: str | None = None
+
+
+SingleVolume: TypeAlias = Annotated[
+    InlineVolume | ZipUrlVolume | SingleFileVolume | HuggingfaceVolume, Field(discriminator="volume_type")
+]
+
+
+class MultiVolume(_Tagged):
+    """What the facilitator's API wraps every volume in."""
+
+    volume_type: Literal["multi_volume"]
+    volumes: list[SingleVolume]
+
+
+Volume: TypeAlias = Annotated[
+    InlineVolume | ZipUrlVolume | SingleFileVolume | HuggingfaceVolume | MultiVolume,
+    Field(discriminator="volume_type"),
+]
+
+
+class ZipAndHttpPostUpload(_Tagged):
+    output_upload_type: Literal["zip_and_http_post"]
+    url: str
+    form_fields: dict[str, str] | None = None
+
+
+class ZipAndHttpPutUpload(_Tagged):
+    output_upload_type: Literal["zip_and_http_put"]
+    url: str
+
+
+class SingleFilePostUpload(_Tagged):
+    output_upload_type: Literal["single_file_post"]
+    url: str
+    form_fields: dict[str, str] | None = None
+    relative_path: str
+    signed_headers: dict[str, str] | None = None
+
+
+class SingleFilePutUpload(_Tagged):
+    output_upload_type: Literal["single_file_put"]
+    url: str
+    relative_path: str
+    signed_headers: dict[str, str] | None = None
+
+
+SingleFileUpload: TypeAlias = Annotated[
+    SingleFilePostUpload | SingleFilePutUpload, Field(discriminator="output_upload_type")
+]
+ZipUpload: TypeAlias = Annotated[
+    ZipAndHttpPostUpload | ZipAndHttpPutUpload, Field(discriminator="output_upload_type")
+]
+
+
+class MultiUpload(_Tagged):
+    """What the facilitator's API wraps every upload in; `system_output` is not signed."""
+
+    output_upload_type: Literal["multi_upload"]
+    uploads: list[SingleFileUpload]
+    system_output: ZipUpload | None = None
+
+
+OutputUpload: TypeAlias = Annotated[
+    ZipAndHttpPostUpload | ZipAndHttpPutUpload | SingleFilePostUpload | SingleFilePutUpload | MultiUpload,
+    Field(discriminator="output_upload_type"),
+]
+
+
+class JobStreamingDetails(BaseModel):
+    """Inbound: the key the executor's streaming server must trust, and where the job runs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    public_key: str
+    executor_ip: str | None = None
+
+
 class V2JobRequest(_Inbound):
-    """A job for this validator to run. Typed loosely: the host validates it with its own models."""
+    """A job for this validator to run, typed as upstream's model (PROTOCOL.md): the four time
+    limits, `args` and `env` are required, `use_gpu` defaults to true (deprecated, no effect).
+    Keys the facilitator adds later are kept (`model_extra`) and `raw` is the untouched frame."""
 
     # Declaration order follows the real facilitator's key order (signature first).
-    signature: dict[str, Any] | None = None
+    signature: Any = None
+    """Kept as sent (any JSON): streams.signatures says precisely what is wrong with a malformed one."""
     type: Literal["job.new"] = "job.new"
     message_type: Literal["V2JobRequest"] = "V2JobRequest"
     uuid: str
     job_namespace: str | None = None
     executor_class: str
+    """One of PROTOCOL.md's known classes, or a newer one: data, not an error."""
     docker_image: str
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    use_gpu: bool = False
-    volume: dict[str, Any] | None = None
-    output_upload: dict[str, Any] | None = None
+    args: list[str]
+    env: dict[str, str]
+    use_gpu: bool = True
+    volume: Volume | None = None
+    output_upload: OutputUpload | None = None
     artifacts_dir: str | None = None
     on_trusted_miner: bool = False
-    download_time_limit: int | None = None
-    execution_time_limit: int | None = None
-    upload_time_limit: int | None = None
-    streaming_start_time_limit: int | None = None
-    streaming_details: dict[str, Any] | None = None
+    download_time_limit: int
+    execution_time_limit: int
+    upload_time_limit: int
+    streaming_start_time_limit: int
+    streaming_details: JobStreamingDetails | None = None
 
 
 class V0JobCheated(_Inbound):
     """A report that a finished job was cheated on by its miner."""
 
-    signature: dict[str, Any] | None = None
+    signature: Any = None
     type: Literal["job.cheated"] = "job.cheated"
     message_type: Literal["V0JobCheated"] = "V0JobCheated"
     job_uuid: str
     trusted_job_uuid: str
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: Any = None
+    """Any JSON value (parsed from the frame, so JSON by construction; typed Any so that deep nesting
+    is data, not a validation error); absent (the SDK had none) is None, which is also what was signed."""
 
 
 InboundMessage: TypeAlias = Response | V2JobRequest | V0JobCheated
+
+# --------------------------------------------------------------------------- machine specs
+# The facilitator's hardware schema (PROTOCOL.md "Machine specs"). Its handler crashes on specs that
+# do not fit (no Response, TCP drop, again on every later connection carrying them), so specs are
+# checked with `validate_specs` before they are queued. Lax parsing ("3" is an int) as upstream's.
+
+
+def _blank_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+_Blank = BeforeValidator(_blank_is_none)
+_Strict = ConfigDict(extra="forbid")
+
+
+class CpuSpecs(BaseModel):
+    model_config = _Strict
+
+    count: int
+    model: str | None = None
+    frequency: Decimal | None = None
+    clocks: list[float] | None = None
+
+
+class GpuDetailsSpecs(BaseModel):
+    model_config = _Strict
+
+    name: str
+    capacity: float | None = None
+    cuda: str | None = None
+    driver: str | None = None
+    graphics_speed: int | None = None
+    memory_speed: int | None = None
+    power_limit: Any = None
+    """Upstream turns anything it cannot parse into null: never an error."""
+    uuid: str | None = None
+    serial: str | None = None
+
+
+class GpuSpecs(BaseModel):
+    model_config = _Strict
+
+    capacity: float | None = None
+    count: int | None = None
+    details: list[GpuDetailsSpecs] = Field(default_factory=list)
+    graphics_speed: int | None = None
+    memory_speed: int | None = None
+
+
+class RamSpecs(BaseModel):
+    model_config = _Strict
+
+    total: Annotated[float | None, _Blank] = None
+    free: Annotated[float | None, _Blank] = None
+    available: Annotated[float | None, _Blank] = None
+    used: Annotated[float | None, _Blank] = None
+    read_speed: Annotated[Decimal | None, _Blank] = None
+    write_speed: Annotated[Decimal | None, _Blank] = None
+    swap_free: Annotated[int | None, _Blank] = None
+    swap_total: Annotated[int | None, _Blank] = None
+    swap_used: Annotated[int | None, _Blank] = None
+
+
+class HardDiskSpecs(BaseModel):
+    model_config = _Strict
+
+    total: Annotated[float | None, _Blank] = None
+    free: Annotated[float | None, _Blank] = None
+    used: Annotated[float | None, _Blank] = None
+    read_speed: Annotated[Decimal | None, _Blank] = None
+    write_speed: Annotated[Decimal | None, _Blank] = None
+
+
+class MachineSpecs(BaseModel):
+    """The top level of `V0MachineSpecsUpdate.specs`: extra keys allowed, the parts below are not."""
+
+    model_config = ConfigDict(extra="allow")
+
+    cpu: CpuSpecs
+    gpu: GpuSpecs | None = None
+    hard_disk: HardDiskSpecs
+    has_docker: bool | None = None
+    ram: RamSpecs
+    os: str | None = None
+    virtualization: str | None = None
+
+
+def validate_specs(specs: object) -> list[str]:
+    """Field errors that make the facilitator's handler crash on these specs; [] when they fit.
+
+    Each error is ``"<dotted path>: <problem>"``, e.g. ``"cpu.count: Field required"`` or
+    ``"ram.size: Extra inputs are not permitted"``. Call it before queueing a V0MachineSpecsUpdate.
+    """
+    if not isinstance(specs, dict):
+        return [f"specs: must be a JSON object, got {json_kind(specs)}"]
+    try:
+        MachineSpecs.model_validate(specs)
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(p) for p in e['loc']) or 'specs'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+    return []
+
 
 # --------------------------------------------------------------------------- codec
 

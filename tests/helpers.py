@@ -29,7 +29,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str = 
 
 
 def fast_config(url: str, **overrides: Any) -> ClientConfig:
-    """Timings scaled down so reconnect scenarios take a fraction of a second."""
+    """Timings scaled down so reconnect scenarios take a fraction of a second; //Bob trusted to sign jobs."""
     defaults: dict[str, Any] = dict(
         heartbeat_period=5.0,
         ping_interval=0.5,
@@ -43,6 +43,9 @@ def fast_config(url: str, **overrides: Any) -> ClientConfig:
         backoff_stable_after=0.5,
         backoff_seed=1,
         drain_timeout=2.0,
+        # As a production validator should: only the facilitator's signer (the simulator's //Bob) is
+        # trusted, so jobs are verified and no "any signatory" CONFIG_WARNING starts every event list.
+        trusted_signatories=(BOB.ss58_address,),
     )
     defaults.update(overrides)
     return ClientConfig(url=url, **defaults)

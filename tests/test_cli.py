@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WARNINGS = ("Traceback", "Task was destroyed but it is pending", "was never awaited", "Exception ignored")
 
 
+RUN = ["run", "--dispatcher", "simulated"]
+
+
 def streams_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "streams", *args]
 
@@ -32,8 +35,8 @@ async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: si
     async with FacilitatorSimulator(seed=21) as sim:
         sim.job_requests_on_auth(5)
         proc = subprocess.Popen(  # noqa: ASYNC220 - a child process under test, not awaited I/O
-            streams_cmd("run", "--url", sim.url, "--hotkey-uri", "//Alice", "--step-delay", "5",
-                        "--heartbeat-period", "0.2"),
+            streams_cmd("run", "--url", sim.url, "--hotkey-uri", "//Alice", "--dispatcher", "simulated",
+                        "--step-delay", "5", "--heartbeat-period", "0.2"),
             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
@@ -57,23 +60,25 @@ async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: si
         assert sim.connection_log[max(sim.connection_log)].close_code == 1000
 
 
+LOCAL = ["--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--url", "http://example.com", "--hotkey-uri", "//Alice"], "ws:// or wss://"),
-        (["run", "--url", "ws://127.0.0.1:99999/ws/v0/", "--hotkey-uri", "//Alice"], "invalid port"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "nope", "--wallet-hotkey", "nope",
+        (["run", *LOCAL], "--dispatcher is required: `celery`, MODULE:ATTR (your own) or `simulated`"),
+        ([*RUN, *LOCAL, "--trusted-signer", "5Fnot"], "--trusted-signer: '5Fnot' is not a valid ss58 address"),
+        ([*RUN, *LOCAL, "--trusted-signers-file", "/nonexistent"], "cannot read --trusted-signers-file /nonexistent"),
+        ([*RUN, "--url", "http://example.com", "--hotkey-uri", "//Alice"], "ws:// or wss://"),
+        ([*RUN, "--url", "ws://127.0.0.1:99999/ws/v0/", "--hotkey-uri", "//Alice"], "invalid port"),
+        ([*RUN, "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "nope", "--wallet-hotkey", "nope",
           "--wallet-path", "/nonexistent"], "cannot read hotkey"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/"], "a hotkey is required"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--ping-interval", "-1"],
-         "must be > 0"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--bogus"], "unrecognized"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--dispatcher", "nomodule:x"],
-         "cannot load dispatcher"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--statsd", "nohostport"],
-         "HOST:PORT"),
-        (["run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", "--events", "/nonexistent/dir/e.jsonl"],
-         "cannot open --events"),
+        ([*RUN, "--url", "ws://127.0.0.1:1/ws/v0/"], "a hotkey is required"),
+        ([*RUN, *LOCAL, "--ping-interval", "-1"], "must be > 0"),
+        ([*RUN, *LOCAL, "--bogus"], "unrecognized"),
+        ([*RUN, *LOCAL, "--dispatcher", "nomodule:x"], "cannot load dispatcher"),
+        ([*RUN, *LOCAL, "--statsd", "nohostport"], "HOST:PORT"),
+        ([*RUN, *LOCAL, "--events", "/nonexistent/dir/e.jsonl"], "cannot open --events"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_status_2(args: list[str], message: str) -> None:
@@ -89,9 +94,35 @@ def test_unreadable_wallet_file_is_a_one_line_error(tmp_path: Path) -> None:
     hotkeys.mkdir(parents=True)
     (hotkeys / "h").write_text("{this is not a keyfile")
     proc = subprocess.run(
-        streams_cmd("run", "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "w", "--wallet-hotkey", "h",
+        streams_cmd(*RUN, "--url", "ws://127.0.0.1:1/ws/v0/", "--wallet-name", "w", "--wallet-hotkey", "h",
                     "--wallet-path", str(tmp_path)),
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: cannot read hotkey"), proc.stderr
+
+
+def test_trusted_signers_file_lines_are_checked_and_named(tmp_path: Path) -> None:
+    signers = tmp_path / "signers.txt"
+    signers.write_text(
+        "# who may sign jobs\n5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty  # //Bob\n\nnot-an-address\n"
+    )
+    proc = subprocess.run(
+        streams_cmd(*RUN, "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice",
+                    "--trusted-signers-file", str(signers)),
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {signers}:4: 'not-an-address' is not a valid ss58 address")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_trusted_signers_reach_the_client_config(tmp_path: Path) -> None:
+    from streams.cli.run import load_trusted_signers
+
+    bob = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
+    charlie = "5FLSigC9HGRKVhB9FiEo4Y3koPsNmBmLJbpXg2mp1hXcS59Y"
+    signers = tmp_path / "signers.txt"
+    signers.write_text(f"# ops\n{charlie}\n  {bob} # again\n")
+    assert load_trusted_signers([bob], signers) == (bob, charlie)
+    assert load_trusted_signers([], None) == ()

@@ -25,6 +25,7 @@ from tests.test_monitor import EVENT_FIELDS, StatsdListener
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parent.parent
+BOB_SS58 = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"  # signs the simulator's jobs
 FORBIDDEN_ON_STDERR = ("Traceback", "Task was destroyed", "never awaited", "Task exception was never retrieved")
 
 
@@ -49,7 +50,8 @@ async def test_run_writes_events_as_json_lines_sends_statsd_and_exits_on_sigint(
         async with FacilitatorSimulator(seed=77) as sim:
             with stdout_file.open("wb") as out, stderr_file.open("wb") as err:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "streams", "run",
+                    sys.executable, "-m", "streams", "run", "--dispatcher", "simulated",
+                    "--trusted-signer", BOB_SS58,  # no CONFIG_WARNING event: the file holds only these
                     "--url", sim.url,
                     "--hotkey-uri", "//Alice",
                     "--events", str(events_file),
@@ -133,7 +135,7 @@ async def test_run_appends_to_an_existing_events_file_and_rejects_an_unwritable_
     """--events FILE appends (a restart keeps the history); a path that cannot be opened is a usage error."""
     unwritable = tmp_path / "missing-dir" / "events.jsonl"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streams", "run",
+        sys.executable, "-m", "streams", "run", "--dispatcher", "simulated",
         "--url", "ws://127.0.0.1:9/ws/v0/", "--hotkey-uri", "//Alice", "--events", str(unwritable),
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -146,7 +148,7 @@ async def test_run_appends_to_an_existing_events_file_and_rejects_an_unwritable_
     events_file.write_bytes(b'{"type": "CONNECTED", "earlier": true}\n')
     async with FacilitatorSimulator(seed=78) as sim:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "streams", "run",
+            sys.executable, "-m", "streams", "run", "--dispatcher", "simulated", "--trusted-signer", BOB_SS58,
             "--url", sim.url, "--hotkey-uri", "//Alice", "--events", str(events_file),
             cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )

@@ -46,6 +46,8 @@ from tests.helpers import ALICE, BOB, fast_config, running_client, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+AS_ALICE = ("--hotkey-uri", "//Alice", "--dispatcher", "simulated")
+"""``run``'s hotkey and (required) dispatcher flags for these tests."""
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 pytestmark = pytest.mark.timeout(120)
@@ -219,7 +221,7 @@ async def test_a_signer_returning_a_str_is_refused_with_a_type_error_naming_byte
 
 async def test_run_prints_a_start_line_and_connect_failures_with_cause_and_retry_time() -> None:
     port = closed_port()
-    async with cli("run", "--url", f"ws://127.0.0.1:{port}/ws/v0/", "--hotkey-uri", "//Alice") as run:
+    async with cli("run", "--url", f"ws://127.0.0.1:{port}/ws/v0/", *AS_ALICE) as run:
         start = await run.wait_line("connecting to")
         assert f"ws://127.0.0.1:{port}/ws/v0/" in start and ALICE.ss58_address in start
         failed = await run.wait_line("CONNECT_FAILED")
@@ -230,13 +232,13 @@ async def test_run_prints_a_start_line_and_connect_failures_with_cause_and_retry
 
 async def test_run_prints_auth_failures_with_the_facilitators_text_and_http_errors() -> None:
     async with FacilitatorSimulator(allowed_hotkeys=[BOB.ss58_address]) as sim:
-        async with cli("run", "--url", sim.url, "--hotkey-uri", "//Alice") as run:
+        async with cli("run", "--url", sim.url, *AS_ALICE) as run:
             line = await run.wait_line("AUTH_FAILED")
             assert "validator_not_found" in line or "not found" in line.lower(), line
             assert "ERROR" in line and "retrying in" in line
             await run.interrupt()
         wrong_path = sim.url.replace("/ws/v0/", "/nope/")
-        async with cli("run", "--url", wrong_path, "--hotkey-uri", "//Alice") as run:
+        async with cli("run", "--url", wrong_path, *AS_ALICE) as run:
             line = await run.wait_line("CONNECT_FAILED")
             assert "404" in line, line
             rc, _ = await run.interrupt()
@@ -245,12 +247,12 @@ async def test_run_prints_auth_failures_with_the_facilitators_text_and_http_erro
 
 async def test_run_quiet_prints_nothing_and_log_level_warning_drops_the_start_line(tmp_path: Path) -> None:
     url = f"ws://127.0.0.1:{closed_port()}/ws/v0/"
-    async with cli("run", "--url", url, "--hotkey-uri", "//Alice", "--log-level", "WARNING") as run:
+    async with cli("run", "--url", url, *AS_ALICE, "--log-level", "WARNING") as run:
         await run.wait_line("CONNECT_FAILED")
         await run.interrupt()
     assert not any("connecting to" in line for line in run.lines)
     events = tmp_path / "events.jsonl"
-    async with cli("run", "--url", url, "--hotkey-uri", "//Alice", "--quiet", "--events", str(events)) as run:
+    async with cli("run", "--url", url, *AS_ALICE, "--quiet", "--events", str(events)) as run:
         # The events file shows the client at work (a failed attempt) while stderr stays empty.
         async with asyncio.timeout(20):
             while b"CONNECT_FAILED" not in (events.read_bytes() if events.exists() else b""):  # noqa: ASYNC110 - another process's file
@@ -531,7 +533,7 @@ def test_every_config_field_is_checked_and_documented_and_the_bounds_are_accepte
     ],
 )
 def test_cli_rejects_the_same_values_with_one_error_line(flags: list[str], field: str) -> None:
-    proc = run_cli("run", "--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", *flags)
+    proc = run_cli("run", "--url", "ws://127.0.0.1:1/ws/v0/", *AS_ALICE, *flags)
     assert proc.returncode == 2
     assert_one_error_line(proc.stderr, field, BOUNDS[field].describe())
 
@@ -607,7 +609,7 @@ async def test_sigint_with_a_backlog_that_is_never_answered_exits_promptly_with_
     events = tmp_path / "events.jsonl"
     async with FacilitatorSimulator(seed=12, accept_unknown_jobs=True) as sim:
         async with cli(
-            "run", "--url", sim.url, "--hotkey-uri", "//Alice", "--dispatcher", "simulated", "--step-delay", "0",
+            "run", "--url", sim.url, *AS_ALICE, "--step-delay", "0",
             "--events", str(events), *mode,
         ) as run:
             await sim.wait_for(lambda: sim.authenticated_connections == 1, 20, "the CLI authenticated")
@@ -645,7 +647,7 @@ def _mapped(pid: int, needle: str) -> bool:
 @pytest.mark.parametrize("moment", ["importing", "running"])
 async def test_ctrl_c_while_importing_or_running_exits_cleanly(command: str, moment: str, twice: bool) -> None:
     args = (
-        ["run", "--url", f"ws://127.0.0.1:{closed_port()}/ws/v0/", "--hotkey-uri", "//Alice"]
+        ["run", "--url", f"ws://127.0.0.1:{closed_port()}/ws/v0/", *AS_ALICE]
         if command == "run" else ["simulate", "--port", "0"]
     )
     async with cli(*args) as proc:

@@ -202,7 +202,7 @@ async def test_message_mode_against_a_facilitator_that_wants_headers_says_so() -
 async def test_headers_mode_against_a_facilitator_without_the_draft_loses_nothing() -> None:
     """It ignores the headers and answers auth.not_authenticated: an auth refusal, and the status
     update that the refusal seemed to answer stays queued (it was never stored)."""
-    async with FacilitatorSimulator(seed=42) as sim:
+    async with FacilitatorSimulator(seed=42, auth_modes=["message"]) as sim:
         job_uuid = sim.register_job(str(uuid.uuid4()))
         async with running_client(fast_config(sim.url, auth_mode="headers", backoff_cap=0.3)) as run:
             await wait_until(lambda: run.client.is_connected, 5, "connected (the handshake succeeded)")

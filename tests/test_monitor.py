@@ -54,6 +54,9 @@ EVENT_FIELDS: dict[str, set[str]] = {
     "SOURCE_FAILED": {"exception", "message"},
     "SUBSCRIBER_FAILED": {"stream", "exception", "message"},
     "DISPATCHER_FAILED": {"operation", "exception", "message", "retry_in"},
+    "JOB_REJECTED": {"job_uuid", "reason", "failure", "message", "signatory", "timestamp_ns"},
+    "CHEAT_REJECTED": {"job_uuid", "trusted_job_uuid", "failure", "message", "signatory", "timestamp_ns"},
+    "CONFIG_WARNING": {"setting"},
 }
 
 STAT_LINE = re.compile(r"^(?P<name>[^:|\s]+):(?P<value>-?[0-9.]+)\|(?P<type>c|g|ms)$")
@@ -774,12 +777,14 @@ async def test_every_event_of_a_rough_session_is_json(sim: FacilitatorSimulator)
         raise RuntimeError("cheat boom")
 
     sim.refuse_next_auth("signature_invalid")
-    config = fast_config(sim.url, backoff_cap=0.05, max_pending_specs=1)
+    config = fast_config(sim.url, backoff_cap=0.05, max_pending_specs=1, trusted_signatories=())  # CONFIG_WARNING
     async with running_client(config, handle, on_cheat=on_cheat) as run:
         await wait_until(lambda: run.client.is_connected, 5, "connected")
         await sim.send_raw(b"\xff\xfe not json")
         await sim.send_job_request()
+        await sim.send_job_request(signature={"signature_type": "bittensor"})  # JOB_REJECTED
         await sim.send_cheat_report(str(uuid.uuid4()))
+        await sim.send_cheat_report(str(uuid.uuid4()), signature={"signature_type": "bittensor"})  # CHEAT_REJECTED
         run.client._statuses.open(str(uuid.uuid4()))("received")
         before_drop = {"MALFORMED_MESSAGE", "JOB_DISPATCH_FAILED", "CHEAT_HANDLER_FAILED", "ERROR_RESPONSE"}
         await wait_until(lambda: before_drop <= {str(e.type) for e in run.events}, 5, "four kinds of failure")
@@ -792,7 +797,8 @@ async def test_every_event_of_a_rough_session_is_json(sim: FacilitatorSimulator)
     kinds = {str(e.type) for e in run.events}
     assert kinds >= {
         "CONNECTED", "DISCONNECTED", "AUTH_FAILED", "MALFORMED_MESSAGE", "JOB_DISPATCH_FAILED",
-        "CHEAT_HANDLER_FAILED", "ERROR_RESPONSE", "MESSAGE_DROPPED",
+        "CHEAT_HANDLER_FAILED", "ERROR_RESPONSE", "MESSAGE_DROPPED", "JOB_REJECTED", "CHEAT_REJECTED",
+        "CONFIG_WARNING",
     }, kinds
     for event in run.events:
         assert_event_shape(event)

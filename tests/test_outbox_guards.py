@@ -26,8 +26,7 @@ from streams.devtools.simulator import SUCCESS, FacilitatorSimulator
 from streams.dispatchers.base import Report, StatusAck, StatusFeed
 from streams.exceptions import InvalidSpecs, MessageRefused, MessageTooLarge, TransportClosed
 from streams.message_manager import refusal
-from streams.protocol import JobStatus, JobStatusUpdate, V0MachineSpecsUpdate, V2JobRequest
-from streams.specs import validate_specs
+from streams.protocol import JobStatus, JobStatusUpdate, V0MachineSpecsUpdate, V2JobRequest, validate_specs
 from streams.transport import MemoryPeer, memory_transport_pair
 from tests.helpers import ALICE, fast_config, running_client, wait_until
 
@@ -87,6 +86,7 @@ async def test_an_oversized_status_update_is_refused_at_the_call_and_never_reach
 
     async with FacilitatorSimulator(seed=31) as sim:
         async with running_client(fast_config(sim.url, max_outbound_frame_bytes=LIMIT), handle) as run:
+            await sim.wait_for_validator()
             job = await sim.send_job_request()
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 5, "the small completed stored")
             await wait_until(lambda: run.client.pending.pending == 0, 5, "outbox empty")

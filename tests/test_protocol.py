@@ -20,12 +20,16 @@ from streams.protocol import (
     MAX_FRAME_BYTES,
     DecodeError,
     HordeFailureDetails,
+    HuggingfaceVolume,
     JobStatus,
     JobStatusMetadata,
     JobStatusUpdate,
     MinerResponse,
+    MultiUpload,
+    MultiVolume,
     Response,
     Signer,
+    SingleFilePutUpload,
     V0AuthenticationRequest,
     V0Heartbeat,
     V0JobCheated,
@@ -174,7 +178,7 @@ PROTOCOL_OUTBOUND_EXAMPLES: list[dict[str, Any]] = [
             },
             "horde_failure_details": {
                 "reported_by": "validator",
-                "reason": "r",
+                "reason": "generic_error",
                 "message": "m",
                 "context": {},
             },
@@ -325,7 +329,7 @@ def test_horde_failed_constructor() -> None:
         }
     }
     with_context = JobStatusUpdate.horde_failed(
-        JOB_UUID, "r", context={"trace": "x"}, reported_by="facilitator"
+        JOB_UUID, "generic_error", context={"trace": "x"}, reported_by="facilitator"
     )
     assert decode_outbound(encode(with_context)) == with_context
 
@@ -369,14 +373,52 @@ def test_unknown_job_request_fields_are_kept_in_model_and_raw() -> None:
     assert "raw" not in job.model_dump() and "_raw" not in job.model_dump()
 
 
-def test_job_request_decodes_with_only_the_essential_fields() -> None:
-    job = decode('{"message_type":"V2JobRequest","uuid":"u","executor_class":"x","docker_image":"i"}')
+ESSENTIAL_JOB_FIELDS: dict[str, Any] = {
+    "message_type": "V2JobRequest", "uuid": "u", "executor_class": "x", "docker_image": "i", "args": [], "env": {},
+    "download_time_limit": 1, "execution_time_limit": 2, "upload_time_limit": 3, "streaming_start_time_limit": 4,
+}
+
+
+def test_job_request_decodes_with_only_the_fields_upstream_requires() -> None:
+    job = decode(orjson.dumps(ESSENTIAL_JOB_FIELDS))
     assert isinstance(job, V2JobRequest)
-    assert (job.args, job.env, job.use_gpu, job.execution_time_limit) == ([], {}, False, None)
+    assert (job.use_gpu, job.volume, job.output_upload, job.signature) == (True, None, None, None)
+
+
+@pytest.mark.parametrize(
+    "missing", ["args", "env", "download_time_limit", "execution_time_limit", "upload_time_limit",
+                "streaming_start_time_limit"],
+)
+def test_a_job_request_without_a_required_field_is_a_decode_error_naming_it(missing: str) -> None:
+    frame = orjson.dumps({k: v for k, v in ESSENTIAL_JOB_FIELDS.items() if k != missing})
+    assert f"{missing}: Field required" in _decode_error(frame).reason
+
+
+def test_volumes_and_uploads_are_typed_unions_tagged_by_their_type() -> None:
+    job = decode(orjson.dumps({
+        **ESSENTIAL_JOB_FIELDS,
+        "volume": {"volume_type": "multi_volume", "volumes": [
+            {"volume_type": "inline", "contents": "UEsF"},
+            {"volume_type": "huggingface_volume", "repo_id": "r", "later_field": 1},
+        ]},
+        "output_upload": {"output_upload_type": "multi_upload", "uploads": [
+            {"output_upload_type": "single_file_put", "url": "https://p", "relative_path": "o"},
+        ], "system_output": {"output_upload_type": "zip_and_http_post", "url": "https://s"}},
+        "streaming_details": {"public_key": "PK", "executor_ip": "10.0.0.1"},
+    }))
+    assert isinstance(job, V2JobRequest)
+    assert isinstance(job.volume, MultiVolume) and isinstance(job.volume.volumes[1], HuggingfaceVolume)
+    assert job.volume.volumes[1].model_extra == {"later_field": 1}
+    assert isinstance(job.output_upload, MultiUpload)
+    assert isinstance(job.output_upload.uploads[0], SingleFilePutUpload)
+    assert job.streaming_details is not None and job.streaming_details.executor_ip == "10.0.0.1"
+    bad = {**ESSENTIAL_JOB_FIELDS, "volume": {"volume_type": "floppy"}}
+    reason = _decode_error(orjson.dumps(bad)).reason
+    assert "volume: Input tag 'floppy' found using 'volume_type' does not match" in reason
 
 
 def test_raw_of_a_job_request_built_in_code_is_its_dump() -> None:
-    job = V2JobRequest(uuid="u", executor_class="x", docker_image="i")
+    job = V2JobRequest.model_validate(ESSENTIAL_JOB_FIELDS)
     assert job.raw == json.loads(encode(job))
 
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
 from streams.events import SystemEvent
 from streams.exceptions import ConfigError, RecordingError
 
-__all__ = ["EventFile", "load_dispatcher", "load_signer", "register"]
+__all__ = ["EventFile", "load_dispatcher", "load_signer", "load_trusted_signers", "register"]
 
 log = logging.getLogger("streams")
+
+DISPATCHER_CHOICES = "`celery`, MODULE:ATTR (your own) or `simulated`"
 
 
 def register(sub: Any) -> dict[str, Command]:
@@ -37,8 +40,14 @@ def register(sub: Any) -> dict[str, Command]:
         help="how each connection authenticates: `message` (V0AuthenticationRequest, the deployed facilitator), "
         "`headers` (signed X-Timestamp/X-Public-Key/X-Signature handshake headers, the upstream draft) or `both`",
     )
-    run.add_argument("--dispatcher", default="simulated", help="`simulated`, `celery` or MODULE:ATTR")
+    run.add_argument(
+        "--dispatcher", help=f"required: {DISPATCHER_CHOICES} (`simulated` fakes the work: demos and tests only)"
+    )
     run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
+    trust = run.add_argument_group("who may sign jobs besides this validator's hotkey (none given: anyone, warned)")
+    trust.add_argument("--trusted-signer", action="append", default=[], metavar="SS58", help="repeatable")
+    trust.add_argument("--trusted-signers-file", type=Path, metavar="PATH", help="one ss58 per line, # comments")
+    trust.add_argument("--signature-max-age", type=positive, metavar="SECONDS", help="refuse older job signatures")
     run.add_argument("--heartbeat-period", type=positive, default=60.0)
     run.add_argument("--ping-interval", type=positive, default=20.0)
     run.add_argument("--ping-timeout", type=positive, default=20.0)
@@ -57,6 +66,29 @@ def register(sub: Any) -> dict[str, Command]:
 
     worker.add_run_flags(run)
     return {"run": _run}
+
+
+def load_trusted_signers(addresses: Sequence[str], path: Path | None) -> tuple[str, ...]:
+    """``--trusted-signer`` values plus the lines of ``--trusted-signers-file``, each checked."""
+    from streams.signatures import public_key_of
+
+    found = [(address, "--trusted-signer") for address in addresses]
+    if path is not None:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise CliError(f"cannot read --trusted-signers-file {path}: {why}") from None
+        for number, line in enumerate(lines, 1):
+            address = line.split("#", 1)[0].strip()
+            if address:
+                found.append((address, f"{path}:{number}"))
+    for address, where in found:
+        try:
+            public_key_of(address)
+        except ValueError as exc:
+            raise CliError(f"{where}: {exc}") from None
+    return tuple(dict.fromkeys(address for address, _ in found))
 
 
 def load_signer(args: argparse.Namespace) -> Any:
@@ -134,8 +166,13 @@ class EventFile:
 async def _run(args: argparse.Namespace) -> None:
     from streams.client import FacilitatorClient
 
+    if args.dispatcher is None:
+        raise CliError(f"--dispatcher is required: {DISPATCHER_CHOICES}; `simulated` reports fake work")
+    trusted = load_trusted_signers(args.trusted_signer, args.trusted_signers_file)
     try:
         config = ClientConfig(
+            trusted_signatories=trusted,
+            signature_max_age=args.signature_max_age,
             url=args.url,
             heartbeat_period=args.heartbeat_period,
             ping_interval=args.ping_interval,

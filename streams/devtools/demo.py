@@ -101,6 +101,8 @@ async def run_demo(
             backoff_stable_after=2.0,
             backoff_seed=seed,
             drain_timeout=1.0,
+            # The simulator signs its jobs with the dev key //Bob: trusted here as a facilitator's signer would be.
+            trusted_signatories=(Keypair.create_from_uri("//Bob").ss58_address,),
         )
         recorder = transport = None
         if record is not None:
