@@ -476,6 +476,11 @@ URL = "ws://127.0.0.1:8765/ws/v0/"
         ({"statsd_host": "a host"}, "statsd_host", "whitespace"),
         ({"statsd_prefix": "a:b|c"}, "statsd_prefix", "'a:b|c'"),
         ({"backoff_seed": 1.5}, "backoff_seed", "1.5"),
+        ({"verify_signatures": "yes"}, "verify_signatures", "'yes'"),
+        ({"auth_mode": "header"}, "auth_mode", "'header'"),
+        ({"trusted_signatories": "5F"}, "trusted_signatories", "str"),
+        ({"signature_max_age": math.inf}, "signature_max_age", "inf"),
+        ({"max_outbound_frame_bytes": 10}, "max_outbound_frame_bytes", "10"),
     ],
 )
 def test_config_refuses_nonsense_naming_field_value_and_range(changes: dict[str, Any], field: str, shown: str) -> None:
@@ -495,7 +500,8 @@ def test_config_refuses_nonsense_naming_field_value_and_range(changes: dict[str,
 def test_every_config_field_is_checked_and_documented_and_the_bounds_are_accepted() -> None:
     fields = {f.name for f in dataclasses.fields(ClientConfig)}
     text_fields = {"url", "validator_version", "runner_version", "statsd_host", "statsd_prefix"}
-    assert fields == set(BOUNDS) | text_fields
+    other_checked = {"auth_mode", "verify_signatures", "trusted_signatories"}  # an enum, a bool, addresses
+    assert fields == set(BOUNDS) | text_fields | other_checked
     for name, bound in BOUNDS.items():
         for value in (bound.low, bound.high):
             typed = int(value) if bound.kind is int else float(value)
@@ -582,7 +588,10 @@ async def test_messages_pending_at_stop_are_one_dropped_event_per_message_type()
             report(JobStatus.ACCEPTED)
         for n in range(3):
             run.client.publish_specs(
-                V0MachineSpecsUpdate(miner_hotkey="m", validator_hotkey="v", batch_id=f"b{n}", specs={})
+                V0MachineSpecsUpdate(
+                    miner_hotkey="m", validator_hotkey="v", batch_id=f"b{n}",
+                    specs={"cpu": {"count": 8}, "ram": {}, "hard_disk": {}},
+                )
             )
         await wait_until(lambda: run.client.pending.held == 2 * len(jobs) + 3, 5, "all held")
     dropped = run.events_of("MESSAGE_DROPPED")
