@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,notebooks,celery]'
+	$(PY) -m pip install -q -e '.[dev,notebooks,celery,channels,prometheus]'
 	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
 		|| echo "warning: redis-server could not be installed; the Celery tests will be skipped" >&2
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null

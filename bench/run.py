@@ -22,6 +22,7 @@ import orjson
 
 from bench.common import ROOT, median
 from bench.idle import Idle, idle_run
+from bench.journal import journal_compare
 from bench.latency import Latency, latency_run
 from bench.recovery import Recovery, recovery_run
 from bench.shutdown import Shutdown, shutdown_run
@@ -38,6 +39,8 @@ TARGET_P99 = 0.001
 TARGET_RECOVERY = 0.9
 """Backlog recovery rate / steady throughput."""
 TARGET_SHUTDOWN = 2.0
+TARGET_JOURNAL_RATIO = 0.8
+TARGET_JOURNAL_SHUTDOWN = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,8 @@ def table(
     latencies: list[Latency],
     idle: Idle,
     shutdowns: list[Shutdown],
+    journal: tuple[list[Run], list[Run]],
+    journal_shutdowns: list[Shutdown],
     when: str,
 ) -> str:
     base_rate = median([r.rate for r in baselines])
@@ -151,6 +156,7 @@ def table(
         f"| 6 | Idle: connected, nothing to send, heartbeat every {idle.heartbeat_period:g} s and a ping every "
         f"{idle.ping_interval:g} s, for {idle.seconds:.0f} s | **{idle.cpu_percent:.3f} % of a core** "
         f"({idle.cpu_seconds * 1000:.0f} ms CPU) | report | — |",
+        *journal_rows(sizes, *journal, journal_shutdowns),
     ]
     notes = [
         "",
@@ -161,9 +167,35 @@ def table(
         "reading every Response. Throughput is timed from the first update handed over to the last "
         "Response read; CPU is per process (the machine is shared, so CPU per update is the steadier figure). "
         "Latency is timed from just before `report(status)` to the return of the frame's `ws.send`. "
-        "Reconnect backoff is capped at 50 ms in 3; the shutdown simulator stops reading right after auth.",
+        "Reconnect backoff is capped at 50 ms in 3; the shutdown simulator stops reading right after auth. "
+        "5 runs with `--no-journal` (today's drain-then-report); 7 and 8 with the SQLite journal "
+        "(WAL, synchronous=FULL: every commit fsync'ed, in a temporary directory on the benchmark machine's disk).",
     ]
     return "\n".join(rows + notes)
+
+
+def journal_rows(sizes: Sizes, plain: list[Run], journaled: list[Run], shutdowns: list[Shutdown]) -> list[str]:
+    plain_rate = median([r.rate for r in plain])
+    journal_rate = median([r.rate for r in journaled])
+    ratio = journal_rate / plain_rate
+    extra_cpu = median([r.cpu_us_per_msg for r in journaled]) - median([r.cpu_us_per_msg for r in plain])
+    exits = [s.seconds for s in shutdowns]
+    kept = min(s.kept for s in shutdowns)
+    dropped = max(s.pending for s in shutdowns)
+    clean = all(s.returncode in (0, 130) and not s.warnings for s in shutdowns)
+    met = max(exits) <= TARGET_JOURNAL_SHUTDOWN and clean and dropped == 0 and kept == sizes.shutdown_queued
+    return [
+        f"| 7 | Throughput with the journal: {sizes.throughput:,} JobStatusUpdates, each durable before it is sent "
+        f"| **{journal_rate:,.0f} msgs/s** with, {plain_rate:,.0f} msgs/s without: **ratio {ratio:.2f}** "
+        f"(median of {len(journaled)} alternating runs each; CPU per update {extra_cpu:+.0f} µs, "
+        f"writer thread included) "
+        f"| ratio ≥ {TARGET_JOURNAL_RATIO} | {_ok(ratio >= TARGET_JOURNAL_RATIO)} |",
+        f"| 8 | SIGINT exit with the journal, {sizes.shutdown_queued:,} updates queued "
+        f"| exit after **{median(exits):.2f} s** (max {max(exits):.2f} s of {len(exits)}); {kept:,} updates kept "
+        f"in the journal for the next start, {dropped} dropped; "
+        f"{'exit status 0, no asyncio warnings' if clean else 'WARNINGS or a bad exit status'} "
+        f"| ≤ {TARGET_JOURNAL_SHUTDOWN} s, nothing dropped | {_ok(met)} |",
+    ]
 
 
 async def profile_throughput(count: int, path: Path) -> None:
@@ -203,10 +235,16 @@ async def main(args: argparse.Namespace) -> int:
     idle = await idle_run(sizes.idle_seconds)
     say(f"shutdown: {sizes.shutdown_runs} × SIGINT with {sizes.shutdown_queued:,} queued")
     shutdowns = [await shutdown_run(sizes.shutdown_queued) for _ in range(sizes.shutdown_runs)]
+    say(f"journal: {args.rounds} × (client, client with the journal), then SIGINT with the journal")
+    journal = await journal_compare(sizes.throughput, args.rounds)
+    journal_shutdowns = [await shutdown_run(sizes.shutdown_queued, journal=True) for _ in range(sizes.shutdown_runs)]
     if args.profile is not None:
         say(f"profile: one client throughput run under pyinstrument -> {args.profile}")
         await profile_throughput(sizes.throughput, args.profile)
-    print(table(sizes, baselines, clients, old_design, memory, recovery, latencies, idle, shutdowns, when))
+    print(table(
+        sizes, baselines, clients, old_design, memory, recovery, latencies, idle, shutdowns, journal,
+        journal_shutdowns, when,
+    ))
     if args.json is not None:
         raw: dict[str, Any] = {
             "when": when, "machine": machine(),
@@ -218,6 +256,8 @@ async def main(args: argparse.Namespace) -> int:
             "memory": memory, "recovery": asdict(recovery), "latency": [asdict(lat) for lat in latencies],
             "idle": asdict(idle),
             "shutdown": [asdict(s) for s in shutdowns],
+            "journal": {"client": [asdict(r) for r in journal[0]], "journal": [asdict(r) for r in journal[1]],
+                        "shutdown": [asdict(s) for s in journal_shutdowns]},
         }
         args.json.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
     return 0

@@ -7,7 +7,8 @@ bench.shutdown:QueueOnStart``): when the client starts, it reports ``BENCH_SHUTD
 updates (default 1,000), which stay pending. Once the CLI's events file shows it connected, SIGINT
 is sent and the time to exit is measured. The MESSAGE_DROPPED ("disposed") events it writes on the
 way out say how many updates were still pending; stderr is checked for asyncio's "Task was
-destroyed" and "never awaited" warnings.
+destroyed" and "never awaited" warnings. ``journal=True`` runs it with ``--journal FILE`` (else
+``--no-journal``): nothing is dropped then, the pending updates stay in the file (counted after the exit).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import orjson
 
 from bench.common import ROOT, STATUSES, SimProcess
 from streams.dispatchers import Report, StatusFeed
+from streams.journal import summarize
 from streams.protocol import V2JobRequest
 
 QUEUE_ENV = "BENCH_SHUTDOWN_QUEUE"
@@ -68,6 +70,8 @@ class Shutdown:
     pending: int
     """Status updates the CLI reported as still pending at exit (MESSAGE_DROPPED "disposed" events)."""
     warnings: list[str]
+    kept: int = 0
+    """Status updates left in the journal for the next start (with ``journal=True``)."""
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
@@ -78,13 +82,15 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in lines if line.strip()]
 
 
-async def shutdown_run(queued: int = 1000) -> Shutdown:
+async def shutdown_run(queued: int = 1000, journal: bool = False) -> Shutdown:
     async with SimProcess("--accept-unknown-jobs", "--stall-after-auth") as sim:
         with tempfile.TemporaryDirectory() as tmp:
             events = Path(tmp) / "events.jsonl"
+            journal_path = Path(tmp) / "journal.sqlite3"
+            journal_args = ["--journal", str(journal_path)] if journal else ["--no-journal"]
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "streams", "run", "--url", sim.url, "--hotkey-uri", "//Alice",
-                "--dispatcher", "bench.shutdown:QueueOnStart", "--events", str(events),
+                "--dispatcher", "bench.shutdown:QueueOnStart", "--events", str(events), *journal_args,
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), QUEUE_ENV: str(queued)},
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             )
@@ -110,8 +116,9 @@ async def shutdown_run(queued: int = 1000) -> Shutdown:
                 int(e["data"].get("count", 1)) for e in _events(events)
                 if e["type"] == "MESSAGE_DROPPED" and e["data"].get("message_type") == "V0JobStatusUpdate"
             )
+            kept = summarize(journal_path).pending_by_kind.get("V0JobStatusUpdate", 0) if journal else 0
     warnings = [
         line for line in stderr.splitlines()
         if "was destroyed but it is pending" in line or "was never awaited" in line or "Traceback" in line
     ]
-    return Shutdown(seconds, returncode, pending, warnings)
+    return Shutdown(seconds, returncode, pending, warnings, kept)

@@ -31,11 +31,20 @@ from streams.exceptions import MessageRefused, UsageError
 from streams.heartbeat_manager import HeartbeatManager
 from streams.job_dispatcher import JobDispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
+from streams.journal import Commit, Journal
 from streams.lifecycle import Component
 from streams.message_manager import AckOutcome, Depth, MessageManager
 from streams.metrics import Metrics
 from streams.performance_monitor import PerformanceMonitor
-from streams.protocol import InboundMessage, JobStatus, Signer, V0MachineSpecsUpdate, decode, message_kind
+from streams.protocol import (
+    InboundMessage,
+    JobStatus,
+    JobStatusUpdate,
+    Signer,
+    V0MachineSpecsUpdate,
+    decode,
+    message_kind,
+)
 from streams.signatures import SignatureVerifier
 from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
@@ -43,6 +52,9 @@ from streams.transport import Transport, WebSocketTransport
 __all__ = ["INBOUND_ROUTES", "FacilitatorClient", "inbound_route"]
 
 log = logging.getLogger(__name__)
+
+JOURNAL_EXIT_BUDGET = 0.3
+"""With a journal, an exit does not drain (pending updates stay journaled): the close gets at most this long."""
 
 Inbound = Decoded[InboundMessage] | Malformed
 
@@ -149,6 +161,7 @@ class FacilitatorClient:
         )
         self._statuses = JobStatusUpdateManager()
         self._specs = SpecUpdateManager(spec_updates, on_source_error=self._spec_source_failed)
+        self._spec_source = spec_updates
         self._verifier = (
             SignatureVerifier(
                 own_hotkey=signer.public_key,
@@ -168,6 +181,8 @@ class FacilitatorClient:
         self._done = asyncio.Event()
         self._background: asyncio.Task[None] | None = None
         self._messages: MessageManager | None = None
+        self._signer = signer
+        self._journal: Journal | None = None
 
     # -- public surface -------------------------------------------------------------------------
     @property
@@ -193,6 +208,11 @@ class FacilitatorClient:
     def is_connected(self) -> bool:
         """True while an authenticated connection is up."""
         return self._connection.is_connected
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal (``config.journal_path``) once ``start()`` opened it; ``journal.stats()`` says how it is."""
+        return self._journal
 
     @property
     def pending(self) -> Depth:
@@ -223,6 +243,7 @@ class FacilitatorClient:
             return  # stop() came before start() ran: nothing to do
         if self._phase is not _Phase.NEW:
             raise UsageError(f"FacilitatorClient.start() can be called once; this client is {self._phase.value}")
+        self._open_journal()  # a bad journal (JournalError) refuses the start before anything runs
         self._phase = _Phase.RUNNING
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -231,6 +252,8 @@ class FacilitatorClient:
                 await self._run_until_stopped()
                 await self._drain(self._config.drain_timeout)  # stop(): drain while still connected
         finally:
+            if self._journal is not None:  # closed by its component; here too if the start failed before it
+                await self._journal.aclose(timeout=JOURNAL_EXIT_BUDGET / 4)
             self._phase = _Phase.STOPPED
             self._done.set()
 
@@ -266,7 +289,10 @@ class FacilitatorClient:
         )
         responses = inbound["Response"].pipe(ops.map(_message))
         cheat_reports = inbound["V0JobCheated"].pipe(ops.map(_message))
-        messages = self._messages = MessageManager(self._config, self._connection, responses)
+        journal = self._journal
+        messages = self._messages = MessageManager(self._config, self._connection, responses, journal=journal)
+        if journal is not None:  # what a previous run left unanswered goes out first, in order
+            messages.restore(journal.recovery.updates)
         heartbeats = HeartbeatManager(self._config.heartbeat_period, self._connection.state, scheduler)
         messages.add_source(heartbeats.heartbeats)
         messages.add_source(self._specs.updates)
@@ -279,11 +305,13 @@ class FacilitatorClient:
             cheats=self._cheats,
             cheat_reports=cheat_reports,
         )
+        self._monitor.watch_source(self._spec_source)  # e.g. the channel layer's: outages, malformed messages
         dispatcher = self._jobs.dispatcher
         if isinstance(dispatcher, FeedingDispatcher):  # e.g. Celery: statuses come back from workers
             dispatcher.bind(_StatusFeed(self._statuses, messages.acks))
         components: tuple[Component, ...] = (
-            self._monitor, messages, self._statuses, heartbeats, self._specs, self._cheats, self._jobs,
+            self._monitor, *([_JournalComponent(self, journal)] if journal is not None else []),
+            messages, self._statuses, heartbeats, self._specs, self._cheats, self._jobs,
         )
         for component in components:
             stack.push_async_callback(component.stop)
@@ -312,6 +340,8 @@ class FacilitatorClient:
         self._jobs.stop_accepting()
         await self._jobs.cancel_running()  # their horde_failed statuses go out in this drain
         messages = self._messages
+        if self._journal is not None:
+            timeout = 0.0  # nothing pending is dropped: it stays journaled for the next start
         if messages is not None and self._connection.is_connected and timeout > 0:
             if not await messages.drain(timeout):
                 log.warning("stopping with %d messages still pending", messages.current_depth.pending)
@@ -319,11 +349,48 @@ class FacilitatorClient:
     async def _stop_connection(self) -> None:
         """After stop() the outbox was drained already; cancellation (SIGINT) or a failure gets the
         short budget: drain for at most ``cancel_drain_timeout``, close within 0.5 s."""
+        budget = JOURNAL_EXIT_BUDGET / 2 if self._journal is not None else None  # a journal: no waiting
         if self._phase is _Phase.STOPPING:
-            await self._connection.stop()
+            await self._connection.stop(close_timeout=budget)
             return
         await self._drain(self._config.cancel_drain_timeout)
-        await self._connection.stop(close_timeout=0.5)
+        await self._connection.stop(close_timeout=0.5 if budget is None else budget)
+
+    # -- the journal ------------------------------------------------------------------------------------
+    def _open_journal(self) -> None:
+        if self._config.journal_path is not None:
+            self._journal = Journal.open(
+                self._config.journal_path, owner=_ss58(self._signer.public_key),
+                retry_interval=self._config.journal_retry_interval,
+            )
+
+    def _journal_committed(self, commit: Commit) -> None:
+        if self._journal is None:
+            return
+        stats = self._journal.stats()
+        self._metrics.timing("journal.write_latency", commit.seconds)
+        self._metrics.gauge("journal.pending", stats.pending)
+        self._metrics.gauge("journal.bytes", stats.bytes)
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        self._metrics.incr("journal.failures")
+        self._metrics.gauge("journal.durable", 0)
+        path = self._journal.path if self._journal is not None else None
+        self._monitor.emit(
+            EventType.JOURNAL_FAILED, "write_failed",
+            f"journal {path}: write failed ({type(exc).__name__}: {exc}); durability is OFF, the client keeps "
+            f"working in memory and retries every {self._config.journal_retry_interval:g} s",
+            path=str(path), exception=type(exc).__name__, message=str(exc)[:500],
+        )
+
+    def _journal_resumed(self) -> None:
+        self._metrics.gauge("journal.durable", 1)
+        path = self._journal.path if self._journal is not None else None
+        self._monitor.emit(
+            EventType.JOURNAL_RESUMED, "durable",
+            f"journal {path}: writes succeed again; everything accepted meanwhile is written, durability is back on",
+            path=str(path),
+        )
 
     def _warn_about_trust(self) -> None:
         """Once at start: say loudly when jobs are not checked, or anyone with a valid key may send them."""
@@ -349,5 +416,71 @@ class FacilitatorClient:
         )
 
 
+class _JournalComponent:
+    """The journal's part of the lifecycle: started right after the monitor, stopped right before it.
+
+    ``start()`` wires its callbacks, starts its writer thread, tracks in-process jobs and reports
+    what the previous run left behind; ``stop()`` (after the MessageManager's, which leaves what is
+    pending in the journal) writes the last answers within a short budget and closes the file.
+    """
+
+    def __init__(self, client: FacilitatorClient, journal: Journal) -> None:
+        self._client = client
+        self._journal = journal
+
+    async def start(self) -> None:
+        client, journal = self._client, self._journal
+        journal.on_failure = client._journal_failed
+        journal.on_restored = client._journal_resumed
+        journal.on_commit = client._journal_committed
+        journal.start()
+        if not isinstance(client._jobs.dispatcher, FeedingDispatcher):
+            # In-process jobs only: a FeedingDispatcher's (Celery's) statuses come from its workers, and a
+            # restart of this process does not interrupt those jobs.
+            client._jobs.dispatched.subscribe(lambda job: journal.job_dispatched(job.uuid))
+        recovery = journal.recovery
+        if not recovery:
+            return
+        for job in recovery.jobs:  # reported once the status stream starts, after the restored updates
+            update = JobStatusUpdate.horde_failed(
+                job.uuid, reason="unhandled_exception", message="validator restarted while the job was running",
+                context={"last_status": job.last_status, "dispatched_at": job.dispatched_at,
+                         "last_status_at": job.updated_at},
+            )
+            client._statuses.open(job.uuid)(update.status, update.metadata)
+        kinds = [update.kind for update in recovery.updates]
+        client._metrics.incr("journal.recovered_updates", len(kinds))
+        client._metrics.incr("journal.recovered_jobs", len(recovery.jobs))
+        client._monitor.emit(
+            EventType.JOURNAL_RECOVERED, "restart",
+            f"journal {journal.path}: resending {len(kinds)} unanswered updates first, in order; "
+            f"{len(recovery.jobs)} interrupted jobs reported horde_failed",
+            path=str(journal.path), resent_updates=len(kinds),
+            resent_status_updates=kinds.count("V0JobStatusUpdate"),
+            resent_spec_updates=kinds.count("V0MachineSpecsUpdate"),
+            horde_failed_jobs=len(recovery.jobs), jobs=[job.uuid for job in recovery.jobs][:100],
+            oldest_recorded_at=min((update.recorded_at for update in recovery.updates), default=None),
+        )
+
+    async def stop(self) -> None:
+        client, journal = self._client, self._journal
+        kept = client._messages.kept_in_journal if client._messages is not None else 0
+        client._metrics.gauge("journal.kept_at_exit", kept)
+        if not await journal.aclose(timeout=JOURNAL_EXIT_BUDGET / 4):
+            log.warning("journal %s: the last writes did not finish within the exit budget", journal.path)
+        if kept:
+            log.info("journal %s: %d pending updates kept for the next start", journal.path, kept)
+
+
 def _message(item: Any) -> Any:
     return item.message
+
+
+def _ss58(public_key: bytes | None) -> str | None:
+    """The hotkey's ss58 address (a journal belongs to one hotkey)."""
+    if public_key is None:
+        return None
+    from bittensor_wallet import Keypair
+
+    address: str = Keypair(public_key=public_key.hex(), ss58_format=42).ss58_address
+    return address

@@ -267,7 +267,7 @@ class ConnectionManager:
                 self._task.cancel()
                 await asyncio.wait([self._task])
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
+                async with asyncio.timeout(min(0.5, timeout)):
                     await self._transport.wait_closed()  # the websocket's own I/O tasks end too
             self._frames.on_completed()
             self._changes.on_completed()

@@ -20,6 +20,7 @@ codes; the library never prints or exits.
     ├── ReplayError (ValueError)          a recording that cannot be read (file, line, problem)
     ├── DispatcherError                   a dispatcher backend operation failed (retried)
     └── JournalError                      a journal file that cannot be used (file, way out)
+        └── JournalLocked                 another process holds it (its pid)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "DispatcherError",
     "InvalidSpecs",
     "JournalError",
+    "JournalLocked",
     "MessageRefused",
     "MessageTooLarge",
     "RecordingError",
@@ -162,5 +164,25 @@ class DispatcherError(StreamsError):
         super().__init__(f"{operation}: {type(error).__name__}: {error}")
 
 
+JOURNAL_RESET_HINT = "start with --journal-reset to move it aside (it is kept, renamed), or pass --journal PATH"
+
+
 class JournalError(StreamsError):
     """A journal file that cannot be used; the message names the file and the way out."""
+
+    def __init__(self, path: str | Path, problem: str, hint: str = JOURNAL_RESET_HINT) -> None:
+        super().__init__(f"journal {path}: {problem}; {hint}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+class JournalLocked(JournalError):
+    """Another live process holds the journal (``pid``: its pid, when it could be read)."""
+
+    def __init__(self, path: str | Path, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "a process whose pid is unknown"
+        super().__init__(
+            path, f"in use by another client ({holder})",
+            "stop that client first, or give this one its own file with --journal PATH",
+        )
+        self.pid = pid

@@ -26,7 +26,7 @@ import asyncio
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import reactivex
@@ -47,6 +47,7 @@ from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
 from streams.exceptions import InvalidSpecs, MessageRefused, MessageTooLarge, TransportClosed, UsageError
+from streams.journal import Journal, PendingUpdate
 from streams.protocol import OutboundMessage, Response, V0MachineSpecsUpdate, encode, validate_specs
 
 __all__ = [
@@ -92,6 +93,8 @@ class Envelope:
     unanswered: int = 0
     """Connections it was sent on that ended without answering it, as the oldest unanswered status update
     (it stays the oldest until answered, so these are consecutive; a connection that never sent it does not count)."""
+    seq: int = 0
+    """Its row in the journal (0: not journaled); it goes on the wire only once that row is durable."""
 
     @property
     def expects_ack(self) -> bool:
@@ -201,8 +204,12 @@ class MessageManager:
         responses: reactivex.Observable[Response],
         *,
         clock: Callable[[], float] = time.monotonic,
+        journal: Journal | None = None,
     ) -> None:
         self._config = config
+        self._journal = journal
+        self.kept_in_journal = 0
+        """Pending updates left in the journal by ``stop()`` (sent by the next start), not dropped."""
         self._connection = connection
         self._responses = responses
         self._clock = clock
@@ -292,6 +299,23 @@ class MessageManager:
         """Queue one message (encoded once, here); raises :class:`MessageRefused` if it must not be sent."""
         self._direct.on_next(message)
 
+    def restore(self, updates: Sequence[PendingUpdate]) -> None:
+        """Queue what a previous run left unanswered in the journal, first, in its original order.
+
+        Called before ``start()``: these go straight to the front of the wire queue (they are already
+        durable), so everything enqueued later, of any kind, goes out after them.
+        """
+        if self._started:
+            raise UsageError("restore() must be called before start()")
+        now = self._clock()
+        for update in updates:
+            policy = POLICIES.get(update.kind)
+            if policy is None or policy is HoldPolicy.KEEP_LATEST:
+                raise ValueError(f"journal row {update.seq}: {update.kind} is not a journaled message type")
+            self._wire.append(
+                Envelope(update.kind, update.frame, policy, now, update.job_uuid, update.status, seq=update.seq)
+            )
+
     def retry(self, envelope: Envelope) -> None:
         """Put an envelope back at the front of the wire queue (it goes out next)."""
         self._wire.appendleft(envelope)
@@ -322,6 +346,8 @@ class MessageManager:
             ),
         )
 
+        journal = self._journal
+
         def route(message: OutboundMessage) -> None:
             envelope = envelope_of(message, self._clock())
             if envelope.policy is HoldPolicy.KEEP_LATEST:
@@ -332,7 +358,12 @@ class MessageManager:
             if error is not None:
                 self._refused.on_next(Refused(envelope, error))
                 raise error
+            if journal is not None:  # accepted = journaled; sent once durable (see _next_ready)
+                envelope.seq = journal.record(envelope.kind, envelope.frame, envelope.job_uuid, envelope.status)
             data.on_next(envelope)
+
+        if journal is not None:
+            journal.on_durable = self._wake.set
 
         self._subscriptions.add(connected.subscribe(self._on_connected))
         self._subscriptions.add(
@@ -376,6 +407,8 @@ class MessageManager:
                     self._wire.appendleft(envelope)
                 self._publish_depth()
                 continue
+            if envelope.seq and not envelope.expects_ack and self._journal is not None:
+                self._journal.answered(envelope.seq)  # a spec update is never answered: done once written
             self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
             self._update_gate()
             self._publish_depth_soon()
@@ -403,7 +436,7 @@ class MessageManager:
             self._task.cancel()
             await asyncio.wait([self._task])
         while self._wire:
-            self._dropped.on_next(Dropped(self._wire.popleft(), "disposed"))
+            self._on_dropped(Dropped(self._wire.popleft(), "disposed"))
         self._subscriptions.dispose()
         self._depth.on_completed()
         for subject in (
@@ -421,8 +454,11 @@ class MessageManager:
             return envelope
         if not self._wire:
             return None
-        if self._wire[0].expects_ack and self._in_flight >= self._config.max_in_flight:
+        head = self._wire[0]
+        if head.expects_ack and self._in_flight >= self._config.max_in_flight:
             return None
+        if head.seq and self._journal is not None and not self._journal.is_durable(head.seq):
+            return None  # not yet durable: the journal's next commit wakes the loop (no wait per message)
         return self._wire.popleft()
 
     def _to_priority(self, envelope: Envelope) -> None:
@@ -468,6 +504,8 @@ class MessageManager:
         if isinstance(event, Acked):
             self._in_flight -= 1
             envelope, response = event.item, event.response
+            if envelope.seq and self._journal is not None:
+                self._journal.answered(envelope.seq)  # any outcome: an answered update is never resent
             if response.is_success:
                 outcome = "success"
             elif "job.integrity_error" in response.error_types:
@@ -502,6 +540,11 @@ class MessageManager:
         self._head_of_line.on_next(HeadOfLine(envelope, count, age, suspected, answered))
 
     def _on_dropped(self, dropped: Dropped[Envelope]) -> None:
+        if dropped.item.seq and self._journal is not None:
+            if dropped.reason == "disposed":
+                self.kept_in_journal += 1  # not lost: the next start sends it
+                return
+            self._journal.answered(dropped.item.seq)  # reported dropped: a restart must not resend it
         self._dropped.on_next(dropped)
 
     def _on_held_depth(self, count: int, size: int) -> None:

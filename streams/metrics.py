@@ -1,4 +1,5 @@
-"""In-memory counters, gauges and timings, mirrored to statsd when an address is configured.
+"""In-memory counters, gauges and timings, mirrored to sinks: statsd when an address is configured, others
+(``streams.integrations.prometheus.PrometheusSink``) added with ``Metrics.add_sink``.
 
 statsd has no tags, so dimensions go into dotted names (``messages.sent.V0JobStatusUpdate``).
 A statsd address that does not resolve or a send that fails never breaks the client: statsd is
@@ -14,8 +15,8 @@ import math
 import re
 import statistics
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import statsd
 
@@ -34,61 +35,48 @@ def safe_name(name: str) -> str:
     return _UNSAFE.sub("_", name)
 
 
-class Metrics:
-    def __init__(
-        self,
-        statsd_host: str | None = None,
-        statsd_port: int = 8125,
-        prefix: str = "facilitator_client",
-    ) -> None:
-        self.prefix = prefix
-        self._counters: dict[str, float] = {}
-        self._gauges: dict[str, float] = {}
-        self._timings: dict[str, deque[float]] = {}
-        self._timing_counts: dict[str, int] = {}
-        self._statsd: statsd.StatsClient | None = None
-        self._statsd_failed = False
-        self._flush_scheduled = False
-        self._pipeline: Any = None
-        if statsd_host:
-            try:
-                if not 0 < statsd_port < 65536:  # getaddrinfo would silently wrap it around
-                    raise ValueError(f"port {statsd_port} is out of range")
-                self._statsd = statsd.StatsClient(statsd_host, statsd_port, prefix=prefix)
-                self._pipeline = self._statsd.pipeline()
-            except Exception as exc:  # unresolvable (OSError), malformed name (UnicodeError), bad port
-                log.warning("statsd %s:%s unusable, metrics stay in memory: %s", statsd_host, statsd_port, exc)
+class MetricsSink(Protocol):
+    """Where recorded metrics are mirrored (statsd, Prometheus, a host's own).
 
-    # -- recording ------------------------------------------------------------------------------
-    def incr(self, name: str, count: float = 1) -> None:
-        name = safe_name(name)
-        self._counters[name] = self._counters.get(name, 0) + count
-        self._mirror("incr", name, count)
+    Called on the per-message path, on the loop thread: keep each call cheap and never raise
+    (``Metrics`` guards every call anyway: a sink that raises is logged once and then ignored).
+    Names are the dotted ``safe_name``s of the README's table; timings are in seconds.
+    """
+
+    def incr(self, name: str, count: float) -> None: ...
+
+    def gauge(self, name: str, value: float) -> None: ...
+
+    def timing(self, name: str, seconds: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StatsdSink:
+    """statsd over UDP: ``<prefix>.<name>``, timings in ms, packed into few datagrams per loop iteration."""
+
+    def __init__(self, host: str, port: int = 8125, prefix: str = "facilitator_client") -> None:
+        """Raises (OSError, UnicodeError, ValueError) when the address cannot be used."""
+        if not 0 < port < 65536:  # getaddrinfo would silently wrap it around
+            raise ValueError(f"port {port} is out of range")
+        self._statsd = statsd.StatsClient(host, port, prefix=prefix)
+        self._pipeline: Any = self._statsd.pipeline()
+        self._flush_scheduled = False
+        self._failed = False
+
+    def incr(self, name: str, count: float) -> None:
+        self._pipeline.incr(name, count)
+        self._schedule()
 
     def gauge(self, name: str, value: float) -> None:
-        name = safe_name(name)
-        if self._gauges.get(name) == value:
-            return
-        self._gauges[name] = value
-        self._mirror("gauge", name, value)
+        self._pipeline.gauge(name, value)
+        self._schedule()
 
     def timing(self, name: str, seconds: float) -> None:
-        name = safe_name(name)
-        samples = self._timings.get(name)
-        if samples is None:
-            samples = self._timings[name] = deque(maxlen=RESERVOIR)
-        samples.append(seconds)
-        self._timing_counts[name] = self._timing_counts.get(name, 0) + 1
-        self._mirror("timing", name, seconds * 1000.0)
+        self._pipeline.timing(name, seconds * 1000.0)
+        self._schedule()
 
-    def _mirror(self, method: str, name: str, value: float) -> None:
-        if self._statsd is None:
-            return
-        try:
-            getattr(self._pipeline, method)(name, value)
-        except Exception as exc:  # statsd must never break the client
-            self._statsd_error(exc)
-            return
+    def _schedule(self) -> None:
         if not self._flush_scheduled:
             try:
                 loop = asyncio.get_running_loop()
@@ -105,17 +93,120 @@ class Metrics:
         call each, several per status update at full speed.
         """
         self._flush_scheduled = False
-        if self._statsd is None:
-            return
         try:
             self._pipeline.send()
         except Exception as exc:  # statsd must never break the client
-            self._statsd_error(exc)
+            self._error(exc)
 
-    def _statsd_error(self, exc: Exception) -> None:
-        if not self._statsd_failed:
+    def _error(self, exc: Exception) -> None:
+        if not self._failed:
             log.warning("statsd send failed (further failures are silent): %s", exc)
-            self._statsd_failed = True
+            self._failed = True
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self._statsd.close()
+        except Exception:
+            pass
+
+
+class Metrics:
+    def __init__(
+        self,
+        statsd_host: str | None = None,
+        statsd_port: int = 8125,
+        prefix: str = "facilitator_client",
+        sinks: Iterable[MetricsSink] = (),
+    ) -> None:
+        self.prefix = prefix
+        self._counters: dict[str, float] = {}
+        self._gauges: dict[str, float] = {}
+        self._timings: dict[str, deque[float]] = {}
+        self._timing_counts: dict[str, int] = {}
+        self._sinks: list[MetricsSink] = []
+        self._failed_sinks: set[int] = set()
+        if statsd_host:
+            try:
+                self._sinks.append(StatsdSink(statsd_host, statsd_port, prefix))
+            except Exception as exc:  # unresolvable (OSError), malformed name (UnicodeError), bad port
+                log.warning("statsd %s:%s unusable, metrics stay in memory: %s", statsd_host, statsd_port, exc)
+        for sink in sinks:
+            self.add_sink(sink)
+
+    @property
+    def sinks(self) -> tuple[MetricsSink, ...]:
+        return tuple(self._sinks)
+
+    def add_sink(self, sink: MetricsSink) -> None:
+        """Mirror metrics to ``sink`` too; what was counted so far (counters, gauges) is handed over first."""
+        for method in ("incr", "gauge", "timing", "close"):
+            if not callable(getattr(sink, method, None)):
+                raise TypeError(f"a metrics sink needs .{method}(); {type(sink).__name__} has none")
+        for name, count in self._counters.items():
+            self._call(sink, "incr", name, count)
+        for name, value in self._gauges.items():
+            self._call(sink, "gauge", name, value)
+        self._sinks.append(sink)
+
+    # -- recording ------------------------------------------------------------------------------
+    def incr(self, name: str, count: float = 1) -> None:
+        name = safe_name(name)
+        self._counters[name] = self._counters.get(name, 0) + count
+        if self._sinks:
+            for sink in self._sinks:
+                try:
+                    sink.incr(name, count)
+                except Exception as exc:  # a sink must never break the client
+                    self._sink_error(sink, exc)
+
+    def gauge(self, name: str, value: float) -> None:
+        name = safe_name(name)
+        if self._gauges.get(name) == value:
+            return
+        self._gauges[name] = value
+        if self._sinks:
+            for sink in self._sinks:
+                try:
+                    sink.gauge(name, value)
+                except Exception as exc:
+                    self._sink_error(sink, exc)
+
+    def timing(self, name: str, seconds: float) -> None:
+        name = safe_name(name)
+        samples = self._timings.get(name)
+        if samples is None:
+            samples = self._timings[name] = deque(maxlen=RESERVOIR)
+        samples.append(seconds)
+        self._timing_counts[name] = self._timing_counts.get(name, 0) + 1
+        if self._sinks:
+            for sink in self._sinks:
+                try:
+                    sink.timing(name, seconds)
+                except Exception as exc:
+                    self._sink_error(sink, exc)
+
+    def _call(self, sink: MetricsSink, method: str, name: str, value: float) -> None:
+        try:
+            getattr(sink, method)(name, value)
+        except Exception as exc:
+            self._sink_error(sink, exc)
+
+    def _sink_error(self, sink: MetricsSink, exc: Exception) -> None:
+        if id(sink) not in self._failed_sinks:
+            self._failed_sinks.add(id(sink))
+            kind = "statsd" if isinstance(sink, StatsdSink) else type(sink).__name__
+            log.warning("%s send failed (further failures are silent): %s", kind, exc)
+
+    def flush(self) -> None:
+        """Send what the sinks hold back (statsd batches per loop iteration)."""
+        for sink in self._sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                try:
+                    flush()
+                except Exception as exc:
+                    self._sink_error(sink, exc)
 
     # -- reading --------------------------------------------------------------------------------
     def counter(self, name: str) -> float:
@@ -143,9 +234,9 @@ class Metrics:
 
     def close(self) -> None:
         self.flush()
-        if self._statsd is not None:
+        for sink in self._sinks:
             try:
-                self._statsd.close()
+                sink.close()
             except Exception:
                 pass
 

@@ -179,6 +179,11 @@ class PerformanceMonitor:
         if isinstance(jobs.dispatcher, FailureReporting):  # e.g. CeleryDispatcher: Redis/broker trouble
             add(jobs.dispatcher.failures.subscribe(self._on_dispatcher_failure))
 
+    def watch_source(self, source: object) -> None:
+        """A spec source with a ``failures`` observable (e.g. the channel layer's): SOURCE_FAILED events."""
+        if isinstance(source, FailureReporting):
+            self._subscriptions.add(source.failures.subscribe(self._on_source_failure))
+
     async def start(self) -> None:
         """Nothing to start: ``watch()`` wired the subscriptions (before any component started)."""
 
@@ -418,6 +423,16 @@ class PerformanceMonitor:
         retry_in = failure.retry_in
         self.emit(
             EventType.DISPATCHER_FAILED, operation, f"dispatcher {operation} failed: {failure}",
+            operation=operation, exception=type(failure.error).__name__,
+            message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
+        )
+
+    def _on_source_failure(self, failure: DispatcherError) -> None:
+        operation = failure.operation
+        self.metrics.incr(f"source.failures.{operation}")
+        retry_in = failure.retry_in
+        self.emit(
+            EventType.SOURCE_FAILED, "spec_updates", f"the spec update source: {operation} failed: {failure}",
             operation=operation, exception=type(failure.error).__name__,
             message=str(failure)[:500], retry_in=None if retry_in is None else round(float(retry_in), 3),
         )

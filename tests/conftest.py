@@ -13,6 +13,12 @@ from streams.devtools.simulator import FacilitatorSimulator
 AuthFrame = Callable[..., str]
 
 
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run`` journals under $XDG_STATE_HOME by default: each test (and its child processes) gets its own."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+
+
 @pytest.fixture(scope="session")
 def alice() -> Keypair:
     """The validator hotkey of the captures (sr25519 dev key //Alice)."""

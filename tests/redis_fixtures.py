@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,16 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RedisServer:
@@ -117,12 +128,13 @@ class CeleryWorker:
     """``python -m streams worker`` (a real Celery worker running the sample lifecycle task)."""
 
     def __init__(
-        self, broker: str, queue: str, workdir: Path, *, step_delay: float = 0.05, concurrency: int = 16
+        self, broker: str, queue: str, workdir: Path, *, step_delay: float = 0.05, concurrency: int = 16,
+        extra: Sequence[str] = (),
     ) -> None:
         self.argv = [
             sys.executable, "-m", "streams", "--log-level", "INFO", "worker", "--broker", broker,
             "--queue", queue, "--step-delay", str(step_delay), "--concurrency", str(concurrency),
-            "--pool", "threads",
+            "--pool", "threads", *extra,
         ]
         self.log = workdir / f"worker-{queue}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -144,6 +156,13 @@ class CeleryWorker:
     def tail(self) -> str:
         return _tail(self.log)
 
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def celery_pids(self) -> list[int]:
+        """The Celery worker processes ``python -m streams worker`` started (it restarts one that dies)."""
+        return [int(pid) for pid in re.findall(r"celery worker started \(pid (\d+)\)", self.text())]
+
     def stop(self) -> None:
         """SIGTERM (Celery's warm shutdown), SIGKILL if it is not gone within 10 s."""
         proc, self.proc = self.proc, None
@@ -155,6 +174,11 @@ class CeleryWorker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+        for pid in self.celery_pids():  # the supervised Celery processes: gone with it, or made to go
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda pid=pid: not _alive(pid), 10, f"celery worker {pid} to exit")  # type: ignore[misc]
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> CeleryWorker:
         self.start()
@@ -166,8 +190,11 @@ class CeleryWorker:
 
 @contextlib.contextmanager
 def redis_and_worker(
-    workdir: Path, queue: str, *, persistent: bool = False, step_delay: float = 0.05, concurrency: int = 16
+    workdir: Path, queue: str, *, persistent: bool = False, step_delay: float = 0.05, concurrency: int = 16,
+    extra: Sequence[str] = (),
 ) -> Iterator[tuple[RedisServer, CeleryWorker]]:
     with RedisServer(workdir, persistent=persistent) as server:
-        with CeleryWorker(server.url, queue, workdir, step_delay=step_delay, concurrency=concurrency) as worker:
+        with CeleryWorker(
+            server.url, queue, workdir, step_delay=step_delay, concurrency=concurrency, extra=extra
+        ) as worker:
             yield server, worker

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -144,6 +145,25 @@ def test_reporter_for_any_celery_app_uses_its_redis_broker() -> None:
     assert TASK_NAME in ours.tasks and ours.conf.task_default_queue == "q"
 
 
+def test_celery_app_survives_broker_restarts_by_configuration() -> None:
+    """What make_celery_app sets for a Redis restart (the behaviour is shown by the restart tests below)."""
+    import ssl
+
+    app = make_celery_app("redis://127.0.0.1:9/0", "q", visibility_timeout=30)
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.broker_connection_retry
+    assert conf.broker_connection_max_retries is None and conf.broker_connection_retry_on_startup
+    assert conf.broker_transport_options["visibility_timeout"] == 30
+    assert conf.broker_transport_options["priority_steps"] == [0]
+    assert conf.worker_consumer.endswith("resilience:ResilientConsumer")
+    assert app.connection_for_write().transport_cls.endswith("resilience:ResilientRedisTransport")
+    secure = make_celery_app("rediss://:pw@127.0.0.1:9/0", "q").connection_for_write()
+    assert secure.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}  # kombu's own default for rediss: no checks
+    for bad in (0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="visibility_timeout"):
+            make_celery_app("redis://127.0.0.1:9/0", "q", visibility_timeout=bad)
+
+
 class FakeApp:
     """Stands in for a Celery app: records send_task calls, fails the first ``failures`` of them."""
 
@@ -180,8 +200,31 @@ def test_cli_refuses_bad_celery_flags(capsys: pytest.CaptureFixture[str]) -> Non
     assert cli_main([*run, "--broker", "http://127.0.0.1:9/"]) == 2
     assert "needs a Redis URL" in capsys.readouterr().err
     assert cli_main(["worker", "--broker", "redis://127.0.0.1:9/0", "--concurrency", "0"]) == 2
+    assert "--concurrency: '0' must be >= 1" in capsys.readouterr().err
+    for bad, why in (("nan", "is not a number"), ("inf", "must be a finite number of seconds >= 1"),
+                     ("0.5", "must be a finite number of seconds >= 1")):
+        assert cli_main(["worker", "--broker", "redis://127.0.0.1:9/0", "--visibility-timeout", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: argument --visibility-timeout: '{bad}' {why}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("dispatcher", [["--dispatcher", "simulated"], ["--dispatcher", "tests.helpers:x"]])
+def test_cli_refuses_celery_flags_without_the_celery_dispatcher(
+    dispatcher: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["run", "--url", "ws://127.0.0.1:9/ws/v0/", "--hotkey-uri", "//Alice", *dispatcher]
+    assert cli_main([*run, "--broker", "redis://127.0.0.1:9/0"]) == 2
     err = capsys.readouterr().err
-    assert "--concurrency" in err and "must be >= 1" in err
+    assert err.startswith("error: --broker only applies to --dispatcher celery") and err.count("\n") == 1, err
+    assert cli_main([*run, "--queue", "q", "--consumer", "me"]) == 2
+    assert "error: --queue, --consumer only apply to --dispatcher celery" in capsys.readouterr().err
+
+
+def test_cli_refuses_step_delay_without_the_simulated_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
+    run = ["run", "--url", "ws://127.0.0.1:9/ws/v0/", "--hotkey-uri", "//Alice", "--step-delay", "1"]
+    assert cli_main([*run, "--dispatcher", "celery", "--broker", "redis://127.0.0.1:9/0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --step-delay applies only to --dispatcher simulated (this run uses --dispatcher celery)\n"
 
 
 # --------------------------------------------------------------------------- real Redis and Celery
@@ -273,6 +316,29 @@ class _NullFeed:
 
     def release(self, job_uuid: str) -> None:
         pass
+
+
+@pytest.mark.timeout(30)
+async def test_a_job_run_twice_sends_its_statuses_once(stream: aioredis.Redis, services: Any) -> None:
+    """acks_late: a job may run again (its worker or its ack lost with Redis). Its statuses come
+    through the stream twice; the ones the facilitator already answered are acknowledged, not resent."""
+    redis_server, _worker = services
+    key = f"test-rerun-{uuid.uuid4()}"
+    reporter = StatusReporter(redis_server.url, key)
+    async with FacilitatorSimulator(seed=18) as sim:
+        job = sim.register_job(str(uuid.uuid4()))
+        dispatcher = CeleryDispatcher(redis_server.url, QUEUE, stream_key=key, block_ms=100)
+        async with running_client(fast_config(sim.url), dispatcher):
+            for _run in range(2):
+                play_lifecycle({"uuid": job}, reporter.report, 0.0, sleep=lambda _: None)
+                await sim.wait_for(lambda: sim.stored[job][-1] == "completed", 10, "the job's statuses stored")
+                await wait_until(lambda: dispatcher.pending == 0 and dispatcher.acknowledged >= 5, 5, "all acked")
+            await wait_until(lambda: dispatcher.acknowledged == 10, 5, "the rerun's entries acknowledged")
+        sent = [r.parsed for r in sim.received if r.parsed and r.parsed.get("message_type") == "V0JobStatusUpdate"]
+        assert [m["status"] for m in sent] == FULL_SEQUENCE[1:]  # each status once
+        assert dispatcher.duplicates == 5 and sim.stored[job] == DONE[:1] + DONE[2:]
+        assert await stream_drained(stream, key)
+    reporter.close()
 
 
 def _entries_of(reply: Any) -> list[Any]:
@@ -373,6 +439,122 @@ async def test_redis_restarted_mid_run_is_reported_and_nothing_is_lost(
     assert any(m.startswith("broker unavailable at") for m in messages), messages
     assert any(m.startswith("redis reachable again") for m in messages), messages
     assert all(isinstance(f.retry_in, float) for f in failures)
+
+
+RESTART_SEEDS = range(1201, 1206)
+"""One Redis SIGKILL and restart per seed (printed); the seed picks the moment and the outage length."""
+
+
+@pytest.mark.timeout(75)
+async def test_worker_survives_redis_killed_and_restarted_five_times(tmp_path: Path) -> None:
+    """Redis (appendonly) SIGKILLed mid-run and restarted, 5 times under one worker and one client.
+
+    The same Celery worker process lives through every restart (never restarted by its
+    supervisor), and every job completes, with its statuses in order, within seconds of Redis
+    coming back. A job that ran twice is harmless: its duplicates are not sent again.
+    """
+    queue = "facilitator-restart-loop"
+    with redis_and_worker(tmp_path, queue, persistent=True, step_delay=0.05) as (redis_server, worker):
+        first_pid = worker.celery_pids()
+        async with FacilitatorSimulator(seed=21) as sim:
+            dispatcher = CeleryDispatcher(redis_server.url, queue, block_ms=200, backoff_base=0.05, backoff_cap=0.3)
+            async with running_client(fast_config(sim.url), dispatcher):
+                await sim.wait_for(lambda: sim.authenticated_connections >= 1, 5, "authenticated")
+                everything: list[dict[str, Any]] = []
+                for seed in RESTART_SEEDS:
+                    rng = random.Random(seed)
+                    accepted_before_kill, extra_outage = rng.randint(1, 16), rng.uniform(0.0, 1.5)
+                    jobs = [await sim.send_job_request() for _ in range(24)]
+                    everything += jobs
+                    await sim.wait_for(
+                        lambda: sum("accepted" in sim.stored[j["uuid"]] for j in jobs) >= accepted_before_kill,  # noqa: B023
+                        10, f"{accepted_before_kill} jobs accepted",
+                    )
+                    unfinished = sum(not finished(sim, [j]) for j in jobs)
+                    noticed = outage_lines(worker)
+                    redis_server.kill()
+                    # The worker notices (a broker reconnect refused, or a status not appended), then the
+                    # outage lasts a seeded while longer: a fault's length, nothing is asserted on it.
+                    await wait_until(lambda: outage_lines(worker) > noticed, 10,  # noqa: B023
+                                     "the worker to notice the outage")
+                    await asyncio.sleep(extra_outage)
+                    await asyncio.to_thread(redis_server.start)
+                    back = time.monotonic()
+                    await sim.wait_for(lambda: finished(sim, jobs), 20, f"seed {seed}: every job finished")  # noqa: B023
+                    took = time.monotonic() - back
+                    print(f"seed {seed}: killed with {unfinished}/24 jobs unfinished ({accepted_before_kill} "
+                          f"accepted), down {extra_outage:.2f} s after the worker noticed; all done {took:.1f} s "
+                          f"after the restart; duplicates so far {dispatcher.duplicates}")
+                    assert took < 15, f"seed {seed}: jobs finished {took:.1f} s after Redis came back"
+                    assert unfinished > 0
+                    assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
+                    assert worker.celery_pids() == first_pid, f"seed {seed}: the Celery worker was restarted"
+                assert_in_order(sim, everything)
+                await wait_until(lambda: dispatcher.pending == 0, 10, "every entry acknowledged")
+                broker = aioredis.Redis.from_url(redis_server.url)
+                try:  # nothing left behind: every task acknowledged, nothing stuck on its way to the worker
+                    await wait_until_async(lambda: broker_clean(broker), 10, "the broker's bookkeeping to empty")
+                finally:
+                    await broker.aclose()
+    log = worker.text()
+    assert "Unrecoverable error" not in log and "Traceback" not in log, log[-3000:]
+
+
+async def broker_clean(broker: aioredis.Redis) -> bool:
+    """No unacknowledged task message (kombu's ``unacked`` hash) and no in-flight list left."""
+    inflight = [key async for key in broker.scan_iter("facilitator-streams:inflight:*")]
+    return int(await broker.hlen("unacked")) == 0 and not inflight
+
+
+def outage_lines(worker: CeleryWorker) -> int:
+    """Log lines of a worker that met Redis down: its broker reconnects, its status reports retried."""
+    text = worker.text()
+    return text.count(" unreachable (") + text.count("not appended yet")
+
+
+@pytest.mark.timeout(45)
+async def test_a_worker_process_that_dies_is_restarted_and_its_jobs_are_run_again(tmp_path: Path) -> None:
+    """SIGKILL the Celery process itself: ``python -m streams worker`` starts a new one, whose jobs
+    (the dead one's, redelivered after the visibility timeout) all complete in order."""
+    queue = "facilitator-supervised"
+    extra = ["--visibility-timeout", "2"]
+    with redis_and_worker(tmp_path, queue, step_delay=0.1, concurrency=8, extra=extra) as (redis_server, worker):
+        async with FacilitatorSimulator(seed=22) as sim:
+            dispatcher = CeleryDispatcher(redis_server.url, queue, block_ms=200)
+            async with running_client(fast_config(sim.url), dispatcher):
+                await sim.wait_for(lambda: sim.authenticated_connections >= 1, 5, "authenticated")
+                jobs = [await sim.send_job_request() for _ in range(16)]
+                await sim.wait_for(lambda: sum("accepted" in sim.stored[j["uuid"]] for j in jobs) >= 4, 10,
+                                   "4 jobs accepted")
+                (first,) = worker.celery_pids()
+                os.kill(first, signal.SIGKILL)
+                await wait_until(lambda: len(worker.celery_pids()) == 2, 10, "a new Celery worker started")
+                await sim.wait_for(lambda: finished(sim, jobs), 30, "every job finished")
+                assert_in_order(sim, jobs)
+                assert worker.proc is not None and worker.proc.poll() is None
+    assert f"celery worker (pid {first}) exited with status -9; restarting it" in worker.text()
+
+
+@pytest.mark.timeout(30)
+def test_worker_retries_an_unreachable_broker_forever_and_stops_on_sigint(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    argv = [sys.executable, "-m", "streams", "worker", "--broker", "redis://127.0.0.1:1/0", "--queue", "nowhere"]
+    with client_process(argv, log) as proc:
+        deadline = time.monotonic() + 20
+        while log.read_text().count("unreachable (") < 4:  # 0.5 + 1.5 + 2.5 s of retries
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no 4 retries within 20 s: {log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        assert proc.poll() is None, "still alive, still retrying"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 5, "exits promptly on SIGINT"
+    text = log.read_text()
+    retries = [line for line in text.splitlines() if "unreachable (" in line]
+    assert retries[0].endswith("retry 1 in 0.5 s") and "127.0.0.1:1" in retries[0], retries
+    assert all(len(line) < 300 for line in retries), retries  # one concise line per retry
+    assert "/100)" not in text and "Trying again" not in text, text[-3000:]  # not Celery's 100 retries
 
 
 # --------------------------------------------------------------------------- helpers

@@ -57,6 +57,12 @@ EVENT_FIELDS: dict[str, set[str]] = {
     "JOB_REJECTED": {"job_uuid", "reason", "failure", "message", "signatory", "timestamp_ns"},
     "CHEAT_REJECTED": {"job_uuid", "trusted_job_uuid", "failure", "message", "signatory", "timestamp_ns"},
     "CONFIG_WARNING": {"setting"},
+    "JOURNAL_RECOVERED": {
+        "path", "resent_updates", "resent_status_updates", "resent_spec_updates", "horde_failed_jobs", "jobs",
+        "oldest_recorded_at",
+    },
+    "JOURNAL_FAILED": {"path", "exception", "message"},
+    "JOURNAL_RESUMED": {"path"},
 }
 
 STAT_LINE = re.compile(r"^(?P<name>[^:|\s]+):(?P<value>-?[0-9.]+)\|(?P<type>c|g|ms)$")

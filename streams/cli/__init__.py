@@ -1,4 +1,4 @@
-"""Command line: ``python -m streams run|simulate|demo|replay|worker``.
+"""Command line: ``python -m streams run|simulate|demo|replay|worker|journal``.
 
 One module per subcommand, each with ``register(subparsers) -> {name: coroutine function}``.
 Expected failures (bad flags, unreadable wallets, malformed URLs, corrupt recordings) end with a
@@ -16,12 +16,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from streams.cli import demo, replay, run, simulate, worker
+from streams.cli import demo, journal, replay, run, simulate, worker
 from streams.cli.common import EXIT_USAGE, CliError, Command, Parser
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = (run, simulate, demo, replay, worker)
+_SUBCOMMANDS = (run, simulate, demo, replay, worker, journal)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:

@@ -12,19 +12,20 @@ from typing import Any
 
 import orjson
 
+from streams.cli import integrations
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
-from streams.cli.report import LOGGER as STATUS_LOGGER
-from streams.cli.report import StatusLines
+from streams.cli.journal import add_run_arguments as add_journal_arguments
+from streams.cli.journal import journal_path_for
 from streams.config import AuthMode, ClientConfig
 from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
 from streams.events import SystemEvent
-from streams.exceptions import ConfigError, RecordingError
+from streams.exceptions import ConfigError, JournalError, RecordingError
 
 __all__ = ["EventFile", "load_dispatcher", "load_signer", "load_trusted_signers", "register"]
 
 log = logging.getLogger("streams")
 
-DISPATCHER_CHOICES = "`celery`, MODULE:ATTR (your own) or `simulated`"
+DISPATCHER_CHOICES = "`celery`, MODULE:ATTR (your own), channels:MODULE:ATTR or `simulated`"
 
 
 def register(sub: Any) -> dict[str, Command]:
@@ -43,7 +44,8 @@ def register(sub: Any) -> dict[str, Command]:
     run.add_argument(
         "--dispatcher", help=f"required: {DISPATCHER_CHOICES} (`simulated` fakes the work: demos and tests only)"
     )
-    run.add_argument("--step-delay", type=non_negative, default=0.5, help="simulated dispatcher: seconds per step")
+    run.add_argument("--step-delay", type=non_negative, default=None,
+                     help="--dispatcher simulated only: seconds per step (default 0.5)")
     trust = run.add_argument_group("who may sign jobs besides this validator's hotkey (none given: anyone, warned)")
     trust.add_argument("--trusted-signer", action="append", default=[], metavar="SS58", help="repeatable")
     trust.add_argument("--trusted-signers-file", type=Path, metavar="PATH", help="one ss58 per line, # comments")
@@ -65,6 +67,8 @@ def register(sub: Any) -> dict[str, Command]:
     from streams.cli import worker
 
     worker.add_run_flags(run)
+    add_journal_arguments(run)
+    integrations.add_run_flags(run)
     return {"run": _run}
 
 
@@ -113,13 +117,17 @@ def load_signer(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def load_dispatcher(spec: str, step_delay: float, args: argparse.Namespace | None = None) -> Dispatcher:
-    if spec == "celery" and args is not None:
-        from streams.cli.worker import dispatcher_from_args
+def load_dispatcher(spec: str, step_delay: float | None, args: argparse.Namespace | None = None) -> Dispatcher:
+    if step_delay is not None and spec != "simulated":  # flags that only make sense together are checked together
+        raise CliError(f"--step-delay applies only to --dispatcher simulated (this run uses --dispatcher {spec})")
+    if args is not None:
+        from streams.cli.worker import dispatcher_from_args, refuse_celery_flags
 
-        return dispatcher_from_args(args)
+        refuse_celery_flags(args)
+        if spec == "celery":
+            return dispatcher_from_args(args)
     if spec == "simulated":
-        return SimulatedDispatcher(step_delay)
+        return SimulatedDispatcher(0.5 if step_delay is None else step_delay)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CliError(f"--dispatcher must be `simulated` or MODULE:ATTR, got {spec!r}")
@@ -186,7 +194,15 @@ async def _run(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     signer = load_signer(args)
-    dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
+    try:
+        config = config.replace(journal_path=journal_path_for(args, signer.ss58_address))
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
+    plumbing = integrations.Plumbing(args)
+    if args.dispatcher.startswith(integrations.CHANNELS_DISPATCHER):
+        dispatcher = plumbing.dispatcher(args.dispatcher, lambda spec: load_dispatcher(spec, args.step_delay))
+    else:
+        dispatcher = load_dispatcher(args.dispatcher, args.step_delay, args)
     transport = None
     recorder = None
     if args.record:
@@ -196,7 +212,9 @@ async def _run(args: argparse.Namespace) -> None:
             recorder, transport = open_recorder(args.record, config)
         except RecordingError as exc:
             raise CliError(f"--record: {exc}") from None
-    client = FacilitatorClient(config, signer=signer, dispatcher=dispatcher, transport=transport)
+    client = FacilitatorClient(
+        config, signer=signer, dispatcher=dispatcher, transport=transport, spec_updates=plumbing.spec_source(signer)
+    )
     events = EventFile(args.events) if args.events else None
     if events is not None:
         client.events.subscribe(events.write)
@@ -204,9 +222,13 @@ async def _run(args: argparse.Namespace) -> None:
     client.events.subscribe(status)
     status.started(config.url, _who(signer), args.dispatcher)
     try:
+        plumbing.attach(client)
         await run_until_signalled(client.start)
+    except JournalError as exc:  # not a journal, corrupt, newer, another hotkey's, locked: refused at start
+        raise CliError(str(exc)) from None
     finally:
         status.close()
+        await plumbing.aclose()
         if events is not None:
             events.close()
         if recorder is not None:

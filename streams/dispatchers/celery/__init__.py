@@ -76,11 +76,14 @@ STREAM_KEY = "facilitator-streams:statuses"
 GROUP = "facilitator-client"
 DEFAULT_QUEUE = "facilitator-jobs"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+DEFAULT_VISIBILITY_TIMEOUT = 600.0
 
 ENV_BROKER = "FACILITATOR_STREAMS_BROKER"
 ENV_QUEUE = "FACILITATOR_STREAMS_QUEUE"
 ENV_STREAM_KEY = "FACILITATOR_STREAMS_STREAM_KEY"
 ENV_STEP_DELAY = "FACILITATOR_STREAMS_STEP_DELAY"
+ENV_VISIBILITY_TIMEOUT = "FACILITATOR_STREAMS_VISIBILITY_TIMEOUT"
+ENV_WORKER_ID = "FACILITATOR_STREAMS_WORKER_ID"
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -255,21 +258,31 @@ def make_celery_app(
     step_delay: float = 0.5,
     redis_url: str | None = None,
     task_name: str = TASK_NAME,
-    acks_late: bool = False,
+    acks_late: bool = True,
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
 ) -> Any:
     """A Celery app for both sides: the validator publishes with it, workers run its sample task.
 
-    ``redis_url`` is where the status stream lives (default: the broker). ``acks_late`` is off by
-    default because a job is not idempotent: with Redis as the broker, a late-acknowledged task whose
-    worker lost its broker connection (a Redis restart) runs again after the visibility timeout.
-    Turn it on when re-running a job is cheaper than losing the one a crashed worker held.
+    ``redis_url`` is where the status stream lives (default: the broker). Built to survive a Redis
+    restart (see :mod:`streams.dispatchers.celery.resilience`): the broker connection is retried forever, tasks
+    are acknowledged late (after they ran) and re-queued when their worker is lost, so a job is
+    never lost with its worker. The price is that a job may run twice (its worker died mid-job, or
+    its ack could not reach Redis): harmless here, since a status already stored is answered
+    ``job.integrity_error`` by the facilitator, which the client counts as acknowledged.
+    ``visibility_timeout`` (s) must exceed the longest job: a message delivered that long ago and
+    never acknowledged (its worker died) goes back on the queue, and a job still running that long
+    is run a second time.
     """
     from celery import Celery
 
+    from streams.dispatchers.celery import resilience
+
     if not queue:
         raise ValueError("queue must be a non-empty name")
-    if step_delay < 0:
-        raise ValueError(f"step_delay must be >= 0, got {step_delay!r}")
+    if not step_delay >= 0 or math.isinf(step_delay):
+        raise ValueError(f"step_delay must be a finite number >= 0, got {step_delay!r}")
+    if not visibility_timeout >= 1 or math.isinf(visibility_timeout):
+        raise ValueError(f"visibility_timeout must be a finite number of seconds >= 1, got {visibility_timeout!r}")
     check_redis_url(redis_url or broker_url)
     app = Celery("facilitator_streams", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -279,24 +292,39 @@ def make_celery_app(
         accept_content=["json"],
         task_ignore_result=True,
         task_acks_late=acks_late,
+        task_reject_on_worker_lost=acks_late,  # a worker process that died: its job goes back on the queue
         worker_prefetch_multiplier=1,
+        broker_connection_retry=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # forever (ResilientConsumer also shortens the delays)
         broker_connection_timeout=2.0,
-        # A publish must not hang on a dead connection: it runs in a thread the client waits for.
-        broker_transport_options={"socket_connect_timeout": 2.0, "socket_timeout": 10.0},
-        # Only acks_late tasks are affected; being explicit silences Celery's pending-change warning.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options={
+            # A publish must not hang on a dead connection: it runs in a thread the client waits for.
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 10.0,
+            "visibility_timeout": visibility_timeout,
+            # How soon a message left unacknowledged by a dead worker is noticed once it is visible.
+            "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
+            "unacked_restore_throttle": 1,
+            # No task priorities: one list per queue, which the worker reads with BLMOVE into an
+            # in-flight list (resilience._Channel) instead of BRPOP, so a fetch cut short loses nothing.
+            "priority_steps": [0],
+        },
+        # A running job is not cancelled when the connection drops: it finishes, its statuses are
+        # retried until Redis is back, and ResilientRequest acknowledges it on the new connection.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         facilitator_streams_stream_key=stream_key,
         facilitator_streams_step_delay=step_delay,
         facilitator_streams_redis_url=redis_url or broker_url,
     )
+    resilience.install(app)
 
     def run_job(raw_job: dict[str, Any]) -> str:
         """The sample task: plays a job's lifecycle, reporting each status to the stream."""
         final = play_lifecycle(raw_job, reporter_for(app).report, float(app.conf.facilitator_streams_step_delay))
         return final.value
 
-    app.task(name=task_name)(run_job)
+    app.task(name=task_name, Request=resilience.ResilientRequest)(run_job)
     return app
 
 
@@ -381,11 +409,15 @@ class CeleryDispatcher:
         self._room = asyncio.Event()
         self._room.set()
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self._stored: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """(job uuid, status) the facilitator already answered: a later entry for it is a rerun's duplicate."""
         self.delivered = 0
         """Entries reported to the client (redelivered ones included)."""
         self.recovered = 0
         """Entries resent from the pending list: read before (by a predecessor or a vanished consumer), never XACKed."""
         self.acknowledged = 0
+        self.duplicates = 0
+        """Entries not sent because the facilitator already answered their (job, status): a job run twice."""
         self.malformed = 0
         self.published = 0
 
@@ -612,6 +644,12 @@ class CeleryDispatcher:
                 self._queue_ack(entry_id)
                 continue
             key = (update.uuid, update.status.value)
+            if key in self._stored:
+                # A job run twice (acks_late: its worker or its ack was lost with Redis) reports its
+                # statuses again; the facilitator would answer job.integrity_error: not sent at all.
+                self.duplicates += 1
+                self._queue_ack(entry_id)
+                continue
             self._inflight[entry_id] = key
             ids = self._by_key.setdefault(key, deque())
             ids.append(entry_id)
@@ -645,6 +683,9 @@ class CeleryDispatcher:
             if not ids:
                 del self._by_key[key]
             self._queue_ack(entry_id)
+            self._stored[key] = None
+            if len(self._stored) > 100_000:
+                self._stored.popitem(last=False)
         except Exception:
             log.exception("matching an acknowledgement to its stream entry failed")
 
@@ -772,6 +813,7 @@ def worker_command(
     pool: str = "threads",
     stream_key: str = STREAM_KEY,
     log_level: str = "WARNING",
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
 ) -> tuple[list[str], dict[str, str]]:
     """The plain ``celery ... worker`` command (argv, extra environment) that ``worker`` runs."""
     argv = [
@@ -779,5 +821,8 @@ def worker_command(
         "--queues", queue, "--pool", pool, "--concurrency", str(concurrency), "--loglevel", log_level,
         "--hostname", f"facilitator-streams-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
     ]
-    env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay)}
+    env = {ENV_BROKER: broker, ENV_QUEUE: queue, ENV_STREAM_KEY: stream_key, ENV_STEP_DELAY: repr(step_delay),
+           ENV_VISIBILITY_TIMEOUT: repr(visibility_timeout),
+           # Names the worker's in-flight lists: the same for every Celery process this command starts.
+           ENV_WORKER_ID: f"{socket.gethostname()}:{os.getpid()}"}
     return argv, env
