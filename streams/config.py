@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit

@@ -16,6 +16,8 @@ from streams.cli import integrations
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.cli.journal import add_run_arguments as add_journal_arguments
 from streams.cli.journal import journal_path_for
+from streams.cli.report import LOGGER as STATUS_LOGGER
+from streams.cli.report import StatusLines
 from streams.config import AuthMode, ClientConfig
 from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
 from streams.events import SystemEvent
