@@ -68,6 +68,9 @@ class JobDispatcher:
         """``verifier``: every job must pass it before dispatch; None dispatches unverified (tests)."""
         self._dispatcher = as_dispatcher(dispatcher)
         self._feeding = isinstance(self._dispatcher, FeedingDispatcher)
+        self.report_cancelled = True
+        """Report horde_failed for a job cancelled at stop. The client turns it off with a journal,
+        which keeps such a job open and reports it horde_failed at the next start."""
         self._statuses = statuses
         self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -173,6 +176,8 @@ class JobDispatcher:
     def _unfinished(self, job_uuid: str, report: Report, kind: str) -> None:
         """The dispatcher ended and the job has no final status: report horde_failed (and a JobFailure)."""
         if self._feeding or not self._statuses.is_open(job_uuid):
+            return
+        if kind == "cancelled" and not self.report_cancelled:
             return
         if kind == "cancelled":
             message = "the validator stopped before the job finished (its dispatcher was cancelled)"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from reactivex import operators as ops
 
 from streams.cli import integrations
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
@@ -20,7 +21,7 @@ from streams.cli.report import LOGGER as STATUS_LOGGER
 from streams.cli.report import StatusLines
 from streams.config import AuthMode, ClientConfig
 from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
-from streams.events import SystemEvent
+from streams.events import ConnectionState, SystemEvent
 from streams.exceptions import ConfigError, JournalError, RecordingError
 
 __all__ = ["EventFile", "load_dispatcher", "load_signer", "load_trusted_signers", "register"]
@@ -222,7 +223,10 @@ async def _run(args: argparse.Namespace) -> None:
         client.events.subscribe(events.write)
     status = _status_lines(args)
     client.events.subscribe(status)
-    status.started(config.url, _who(signer), args.dispatcher)
+    # Said at the first connection attempt: after the start's own checks (the journal), which may refuse it.
+    client.state.pipe(ops.filter(lambda state: state is ConnectionState.CONNECTING), ops.take(1)).subscribe(
+        lambda _: status.started(config.url, _who(signer), args.dispatcher)
+    )
     try:
         plumbing.attach(client)
         await run_until_signalled(client.start)
