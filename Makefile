@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean venv notebook
+.PHONY: demo test lint typecheck bench mutate clean venv notebook
 
 venv: $(STAMP)
 
@@ -38,5 +38,14 @@ notebook: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# Mutation testing of operators/ and the outbox core (configured in pyproject.toml [tool.mutmut]); not
+# part of `make test`. A fresh run every time (mutmut would keep stale verdicts after test changes), on
+# 2 CPUs; mutmut's own output goes to mutants/mutmut-run.log. Prints one line per file, then the score.
+mutate: $(STAMP)
+	rm -rf mutants && mkdir mutants
+	$(VENV)/bin/mutmut run --max-children 2 > mutants/mutmut-run.log 2>&1 \
+		|| { tail -c 4000 mutants/mutmut-run.log; exit 1; }
+	$(PY) tests/mutation/score.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -47,8 +47,9 @@ class Backoff:
         stable_after: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
-        if base < 0 or cap < 0 or stable_after < 0:
-            raise ValueError("base, cap and stable_after must be >= 0")
+        for name, value in (("base", base), ("cap", cap), ("stable_after", stable_after)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.base = base
         self.cap = cap
         self.stable_after = stable_after

@@ -219,6 +219,7 @@ class MessageManager:
         self._for_ack: Subject[Envelope] = Subject()
         self._wire: deque[Envelope] = deque()
         self._heartbeat: Envelope | None = None
+        self._writing = False  # a frame is being written: drain() is not done until the write is
         self._in_flight = 0
         self._held = 0
         self._held_bytes = 0
@@ -395,6 +396,7 @@ class MessageManager:
             if envelope.expects_ack:
                 self._in_flight += 1
                 self._for_ack.on_next(envelope)
+            self._writing = True
             try:
                 await self._connection.send(envelope.frame)
             except TransportClosed:
@@ -407,6 +409,8 @@ class MessageManager:
                     self._wire.appendleft(envelope)
                 self._publish_depth()
                 continue
+            finally:
+                self._writing = False
             if envelope.seq and not envelope.expects_ack and self._journal is not None:
                 self._journal.answered(envelope.seq)  # a spec update is never answered: done once written
             self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
@@ -417,7 +421,7 @@ class MessageManager:
         """Wait until nothing is held, queued or in flight; False if the timeout came first."""
         try:
             async with asyncio.timeout(timeout):
-                while self.current_depth.pending or self._heartbeat is not None:
+                while self.current_depth.pending or self._heartbeat is not None or self._writing:
                     if not self._connection.is_connected:
                         return False
                     self._changed.clear()

@@ -31,21 +31,22 @@ def env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("sig", "times"), [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)])
-async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: signal.Signals, times: int) -> None:
+async def test_run_exits_promptly_on_a_signal_without_warnings(sig: signal.Signals, times: int) -> None:
     async with FacilitatorSimulator(seed=21) as sim:
         sim.job_requests_on_auth(5)
         proc = subprocess.Popen(  # noqa: ASYNC220 - a child process under test, not awaited I/O
             streams_cmd("run", "--url", sim.url, "--hotkey-uri", "//Alice", "--dispatcher", "simulated",
-                        "--step-delay", "5", "--heartbeat-period", "0.2"),
+                        "--step-delay", "60", "--heartbeat-period", "0.2"),
             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            # Running jobs (5 s per step) and a live connection: the teardown has work to do.
+            # Running jobs (60 s per step) and a live connection: the teardown has work to do. A teardown
+            # that waited for a job step would take a minute; the bound below is generous for a busy machine.
             await sim.wait_for(lambda: len(sim.frames_of("V0JobStatusUpdate")) >= 5, 20, "jobs received")
             sent_at = time.monotonic()
             for _ in range(times):  # a second Ctrl-C does not cut the teardown short
                 proc.send_signal(sig)
-            await asyncio.to_thread(proc.wait, 5)
+            await asyncio.to_thread(proc.wait, 20)
             took = time.monotonic() - sent_at
             _out, err = proc.communicate(timeout=5)
         finally:
@@ -53,7 +54,7 @@ async def test_run_exits_within_two_seconds_of_a_signal_without_warnings(sig: si
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 0, err
-        assert took < 2.0, f"exited {took:.2f} s after {sig.name}"
+        assert took < 15.0, f"exited {took:.2f} s after {sig.name}"
         for warning in WARNINGS:
             assert warning not in err, err
         await sim.wait_for(lambda: sim.connection_log[max(sim.connection_log)].close_code is not None, 5, "closed")
@@ -66,7 +67,7 @@ LOCAL = ["--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice"]
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", *LOCAL], "--dispatcher is required: `celery`, MODULE:ATTR (your own) or `simulated`"),
+        (["run", *LOCAL], "--dispatcher is required: `celery`, MODULE:ATTR (your own), channels:MODULE:ATTR or"),
         ([*RUN, *LOCAL, "--trusted-signer", "5Fnot"], "--trusted-signer: '5Fnot' is not a valid ss58 address"),
         ([*RUN, *LOCAL, "--trusted-signers-file", "/nonexistent"], "cannot read --trusted-signers-file /nonexistent"),
         ([*RUN, "--url", "http://example.com", "--hotkey-uri", "//Alice"], "ws:// or wss://"),

@@ -125,7 +125,8 @@ def _listening_socket() -> tuple[socket.socket, int]:
 def test_bad_flags_get_one_line_and_exit_status_2(args: list[str], message: str) -> None:
     sock, busy = _listening_socket()
     try:
-        argv = run_cmd("--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice",
+        extra = [] if "--dispatcher" in args else ["--dispatcher", "simulated"]
+        argv = run_cmd("--url", "ws://127.0.0.1:1/ws/v0/", "--hotkey-uri", "//Alice", *extra,
                        *[str(busy) if arg == "PORT_IN_USE" else arg for arg in args])
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30)
     finally:

@@ -123,18 +123,16 @@ async def test_auth_refused_then_accepted_retries_at_cap_with_the_facilitators_t
 
 async def test_stall_is_detected_and_the_client_reconnects() -> None:
     async with FacilitatorSimulator(seed=4) as sim:
-        config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=2.0)
+        # A close timeout far above the wait below: reconnecting in time proves the half-open link was
+        # dropped at once, not after a close handshake that cannot complete (no wall-clock assertion).
+        config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=60.0)
         async with running_client(config) as run:
             await wait_until(lambda: run.client.is_connected, 5, "connected")
-            stalled_at = time.monotonic()
             await sim.stall()
-            await wait_until(lambda: len(run.events_of("CONNECTED")) >= 2, 5, "reconnected after a stall")
-            took = time.monotonic() - stalled_at
+            await wait_until(lambda: len(run.events_of("CONNECTED")) >= 2, 20, "reconnected after a stall")
             disconnected = run.events_of("DISCONNECTED")[0]
             assert disconnected.data["close_code"] == 1011
             assert "keepalive" in disconnected.description
-            # ping interval + ping timeout + backoff cap (no close timeout), with a margin for a busy machine
-            assert took < 0.2 + 0.2 + 0.05 + 1.0
 
 
 async def test_heartbeats_first_after_auth_periodic_and_not_piled_up() -> None:
@@ -299,11 +297,9 @@ async def test_stop_drains_and_leaves_no_task() -> None:
         await wait_until(lambda: client.is_connected, 5, "connected")
         for _ in range(100):
             client._statuses.open(str(uuid.uuid4()))("received")
-        started = time.monotonic()
-        await client.stop()
-        took = time.monotonic() - started
+        async with asyncio.timeout(30):  # generous: a hung drain fails here, a slow machine does not
+            await client.stop()
         await task
-        assert took < 1.0 + client.config.drain_timeout
         assert len(status_frames(sim)) == 100, "stop() drains the outbox while connected"
         last = sim.connection_log[max(sim.connection_log)]
         await sim.wait_for(lambda: last.close_code == 1000, 5, "closed with 1000")
@@ -317,7 +313,10 @@ async def test_stop_drains_and_leaves_no_task() -> None:
 async def test_cancellation_tears_down_within_a_second_plus_drain() -> None:
     async with FacilitatorSimulator(seed=12, accept_unknown_jobs=True) as sim:
         before = asyncio.all_tasks()
-        client = FacilitatorClient(fast_config(sim.url), signer=ALICE, dispatcher=SimulatedDispatcher(10))
+        # Draining a stalled connection could take drain_timeout (60 s); cancellation must cap it at
+        # cancel_drain_timeout (1 s). The bound below is generous and still tells the two apart.
+        config = fast_config(sim.url, drain_timeout=60.0, cancel_drain_timeout=1.0)
+        client = FacilitatorClient(config, signer=ALICE, dispatcher=SimulatedDispatcher(10))
         task = asyncio.create_task(client.start())
         await wait_until(lambda: client.is_connected, 5, "connected")
         job = await sim.send_job_request()  # a long-running job task to cancel
@@ -330,7 +329,7 @@ async def test_cancellation_tears_down_within_a_second_plus_drain() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         took = time.monotonic() - started
-        assert took < 1.0 + client.config.cancel_drain_timeout + 0.5
+        assert took < 20.0, f"the teardown took {took:.1f} s: the cancel drain timeout was not applied"
         assert not [t for t in asyncio.all_tasks() - before if not server_side(t)]
 
 

@@ -38,8 +38,11 @@ async def test_demo_with_faults_loses_nothing_and_its_recording_replays_to_the_s
     answered = counters.get("acks.success", 0) + counters.get("acks.duplicate", 0)
     assert answered == sum(1 for ack in summary.answered if ack.kind == "V0JobStatusUpdate")
     assert len(summary.connections) == counters["connect.attempts"]
+    # The operator-based analysis of the recording agrees with the live counters too.
     analysis = analyze(recording)
-    assert analysis is not None
+    assert analysis.message_mix["out"].get("V0JobStatusUpdate", 0) == attempted
+    assert sum(1 for ack in analysis.acks if ack["kind"] == "V0JobStatusUpdate") == answered
+    assert len(analysis.connections) == len(summary.connections)
 
     out = io.StringIO()
     print_summary(result, out)

@@ -234,7 +234,7 @@ async def test_100_jobs_statuses_from_a_separate_process_arrive_complete_and_in_
         async with FacilitatorSimulator(seed=seed) as sim:
             config = fast_config(sim.url, ping_interval=0.2, ping_timeout=0.2, close_timeout=0.3, send_timeout=1.0)
             async with running_client(config, dispatcher) as run:
-                await wait_until(lambda: run.client.is_connected, 5, "connected")
+                await sim.wait_for_validator()
                 env = [{"FAIL": "1"} if i % 10 == 3 else {"BAD": "1"} if i % 25 == 7 else {} for i in range(100)]
                 jobs = [await sim.send_job_request(env=env[i]) for i in range(100)]
                 await wait_until(lambda: run.counters.get("jobs.dispatched", 0) == 100, 10, "every job dispatched")
@@ -275,6 +275,7 @@ async def test_the_host_reporting_a_final_status_itself_ends_the_listening(
     dispatcher = ChannelsDispatcher(route_job, redis_server.url)
     async with FacilitatorSimulator(seed=34) as sim:
         async with running_client(fast_config(sim.url), dispatcher) as run:
+            await sim.wait_for_validator()
             job = await sim.send_job_request()
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "rejected", 10, "rejected")
             await wait_until(lambda: run.client.metrics.gauge_value("jobs.active") == 0, 5, "the job task ended")
@@ -295,6 +296,7 @@ async def test_bad_metadata_is_dropped_a_driver_received_is_skipped_and_silence_
     dispatcher = ChannelsDispatcher(route_job, redis_server.url, idle_timeout=0.5)
     async with FacilitatorSimulator(seed=35) as sim:
         async with running_client(fast_config(sim.url), dispatcher) as run:
+            await sim.wait_for_validator()
             bad = await sim.send_job_request()
             silent = await sim.send_job_request(env={"MODE": "silent"})
             await sim.wait_for(
@@ -321,6 +323,7 @@ async def test_a_channel_layer_outage_while_a_job_runs_is_reported_and_its_statu
         dispatcher = ChannelsDispatcher(route_job, server.url, backoff_base=0.05, backoff_cap=0.2)
         async with FacilitatorSimulator(seed=36) as sim:
             async with running_client(fast_config(sim.url), dispatcher) as run:
+                await sim.wait_for_validator()
                 job = await sim.send_job_request()
                 job_uuid = await asyncio.wait_for(handed_over.get(), 10)
                 before = redis_channel_layer(server.url)

@@ -49,7 +49,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.url import maybe_sanitize_url
 
 from operators import Backoff
-from streams.dispatchers.celery import ENV_WORKER_ID
+from streams.dispatchers.celery.common import ENV_WORKER_ID
 
 if TYPE_CHECKING:
     import redis
