@@ -131,7 +131,7 @@ BOUNDS: dict[str, Bound] = {
     "backoff_stable_after": Bound(float, 0.0, 86400.0, "seconds"),
     "backoff_seed": Bound(int, -(2**63), 2**63 - 1, "seed", optional=True),
     "outbox_max_messages": Bound(int, 1, 10_000_000, "messages"),
-    "outbox_max_bytes": Bound(int, 64 * KiB, 64 * GiB, "bytes"),
+    "outbox_max_bytes": Bound(int, 256, 64 * GiB, "bytes"),
     "max_outbound_frame_bytes": Bound(int, 64 * KiB, MAX_FRAME_BYTES, "bytes"),
     "poison_after_connections": Bound(int, 1, 1000, "connections"),
     "max_pending_specs": Bound(int, 1, 1_000_000, "messages"),
@@ -224,7 +224,8 @@ class ClientConfig:
     """Messages held while disconnected, at most; beyond it the oldest droppable ones go (and are
     reported); [1, 10,000,000], default 100,000."""
     outbox_max_bytes: int = 64 * MiB
-    """Bytes of encoded frames held while disconnected, at most; [64 KiB, 64 GiB], default 64 MiB."""
+    """Bytes of encoded frames held while disconnected, at most; [256, 64 GiB], default 64 MiB (below
+    ~250 bytes not even one status update could be held)."""
     max_outbound_frame_bytes: int = FACILITATOR_MAX_FRAME_BYTES
     """An update whose encoded frame is bigger is refused at enqueue (raised and reported), never
     sent; [64 KiB, 50 MiB], default 16 MiB: what the production facilitator accepts."""

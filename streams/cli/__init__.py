@@ -44,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, its one line already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.log_level_given = args.log_level is not None  # `run` shows its status lines unless told otherwise
+    args.log_level = args.log_level or "WARNING"
     logging.basicConfig(
-        level=getattr(logging, args.log_level or "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         asyncio.run(commands[args.command](args))

@@ -247,7 +247,7 @@ def _status_lines(args: argparse.Namespace) -> StatusLines:
     if args.quiet:
         logger.setLevel(logging.CRITICAL + 1)
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    elif getattr(args, "log_level", None) is None:
+    elif not getattr(args, "log_level_given", False):
         logger.setLevel(logging.INFO)
     return StatusLines(logger)
 
