@@ -2,12 +2,13 @@
 
 Ctrl-C at any moment must end the process with status 130 (or 0) and no traceback. So the first
 thing this does, before the heavy imports (pydantic, websockets, reactivex, the sr25519 bindings),
-is take over SIGINT. During the imports a SIGINT is only noted: a KeyboardInterrupt raised in the
-middle of a native extension's initialisation can crash the interpreter at exit, and a
-traceback is no way to stop. Once everything is imported, a noted SIGINT exits with 130; from
-then on the first SIGINT raises KeyboardInterrupt (the CLI turns it into 130) and any further
-one is ignored, so a second Ctrl-C can neither interrupt the exit nor print a traceback. While a
-command runs, its own handlers (streams.cli.common.run_until_signalled) cancel it cleanly.
+is take over SIGINT: during the imports a SIGINT is only noted (a KeyboardInterrupt raised in the
+middle of a native extension's initialisation can crash the interpreter at exit, and a traceback
+is no way to stop), and a noted one exits with 130 once they are done. Then Python's own handler
+is back, so ``asyncio.run`` cancels the command on a Ctrl-C as usual (and the CLI turns a
+KeyboardInterrupt into 130); while a command runs, its own handlers
+(streams.cli.common.run_until_signalled) cancel it cleanly and ignore a second one; once it is
+over, SIGINT is ignored, so nothing can interrupt the exit.
 
 (A SIGINT in the interpreter's own startup, before this module runs, is out of its reach.)
 """
@@ -16,20 +17,11 @@ import _signal as signal  # the C module: ``signal`` itself builds enums first (
 import sys
 
 _noted = False
-_raised = False
 
 
 def _note_sigint(signum: int, frame: object) -> None:
     global _noted
     _noted = True
-
-
-def _on_sigint(signum: int, frame: object) -> None:
-    global _raised
-    if _raised:
-        return  # already on the way out
-    _raised = True
-    raise KeyboardInterrupt
 
 
 def _run() -> int:
@@ -45,7 +37,7 @@ def _run() -> int:
 
     if _noted:
         return 130
-    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()
     except KeyboardInterrupt:
