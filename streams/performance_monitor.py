@@ -84,10 +84,12 @@ def _utf8_len(frame: str) -> int:
 
 
 def _drop_data(envelope: Envelope, reason: str) -> dict[str, object]:
-    """MESSAGE_DROPPED's fields, the same for every reason (``limit`` and ``errors`` for refusals)."""
+    """MESSAGE_DROPPED's fields, the same for every reason (``limit`` and ``errors`` for refusals;
+    ``first_job_uuid``/``last_job_uuid`` say more for the one summary per type at stop)."""
     return {
         "message_type": envelope.kind, "reason": reason, "count": 1,
         "job_uuid": envelope.job_uuid, "status": envelope.status,
+        "first_job_uuid": envelope.job_uuid, "last_job_uuid": envelope.job_uuid,
         "frame_bytes": _utf8_len(envelope.frame), "limit": None, "errors": [], "excerpt": excerpt(envelope.frame),
     }
 
@@ -223,8 +225,9 @@ class PerformanceMonitor:
             self.emit(
                 EventType.AUTH_FAILED, "signer",
                 f"the signer failed: {type(error).__name__}: {error}",
-                attempt=change.attempt, exception=type(error).__name__, message=str(error)[:500],
-                retry_in=round(change.retry_in, 3),
+                # AUTH_FAILED's fields, as for a refused auth: no Response, no connection was opened.
+                errors=[], http_status=None, retry_in=round(change.retry_in, 3), close_code=None, close_reason="",
+                exception=type(error).__name__, exception_message=str(error)[:500],
             )
         elif isinstance(change, Connected):
             m.incr("connect.successes")
@@ -382,14 +385,15 @@ class PerformanceMonitor:
         self.metrics.gauge("jobs.active", self._active_jobs)
 
     def _on_job_failure(self, failure: JobFailure) -> None:
-        self.metrics.incr("jobs.failed")
         if failure.kind != "raised":  # returned or cancelled without a final status: horde_failed sent
+            self.metrics.incr("jobs.unfinished")
             self.emit(
-                EventType.JOB_DISPATCH_FAILED, failure.kind,
+                EventType.JOB_UNFINISHED, failure.kind,
                 f"job {failure.job_uuid}: {failure.error}; reported horde_failed (generic_error)",
                 job_uuid=failure.job_uuid, reason="generic_error", message=str(failure.error),
             )
             return
+        self.metrics.incr("jobs.failed")
         self.emit(
             EventType.JOB_DISPATCH_FAILED, type(failure.error).__name__,
             f"dispatcher raised for job {failure.job_uuid}: {type(failure.error).__name__}: {failure.error}",

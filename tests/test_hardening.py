@@ -43,6 +43,7 @@ from streams.recording import load_recording
 from streams.recording.format import MAX_LINE_BYTES
 from streams.transport import memory_transport_pair
 from tests.helpers import ALICE, BOB, fast_config, running_client, wait_until
+from tests.test_monitor import assert_event_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -199,7 +200,8 @@ async def test_a_signer_that_raises_is_auth_failed_signer_retried_with_backoff_a
         assert [e.subtype for e in failed] == ["signer"] * 3
         for n, event in enumerate(failed, 1):
             assert event.data["exception"] == "ConnectionError"
-            assert event.data["message"] == f"HSM unavailable (call {n})"
+            assert event.data["exception_message"] == f"HSM unavailable (call {n})"
+            assert_event_shape(event)  # AUTH_FAILED's usual fields
             assert 0 <= event.data["retry_in"] <= config.backoff_cap
             assert "signer" in event.description and "HSM unavailable" in event.description
         # Signed before connecting: the failed attempts cost the facilitator no connection.
@@ -336,8 +338,9 @@ async def test_a_dispatcher_returning_without_a_final_status_reports_horde_faile
         details = _horde_failure(simulator, job["uuid"])
         assert details["reported_by"] == "validator" and details["reason"] == "generic_error"
         assert details["message"] == "the dispatcher returned without reporting a final status"
-        (event,) = run.events_of("JOB_DISPATCH_FAILED")
+        (event,) = run.events_of("JOB_UNFINISHED")
         assert event.subtype == "no_final_status" and event.data["job_uuid"] == job["uuid"]
+        assert not run.events_of("JOB_DISPATCH_FAILED") and run.counters["jobs.unfinished"] == 1
 
 
 async def test_a_dispatcher_cancelled_at_stop_reports_horde_failed_before_the_connection_closes(
@@ -358,7 +361,7 @@ async def test_a_dispatcher_cancelled_at_stop_reports_horde_failed_before_the_co
     # stop() cancelled the job first, and the drain sent its horde_failed while still connected.
     assert simulator.stored[job["uuid"]] == ["sent", "received", "accepted", "horde_failed"]
     assert "stopped before the job finished" in _horde_failure(simulator, job["uuid"])["message"]
-    (event,) = run.events_of("JOB_DISPATCH_FAILED")
+    (event,) = run.events_of("JOB_UNFINISHED")
     assert event.subtype == "cancelled"
 
 
@@ -387,7 +390,7 @@ async def test_a_feeding_dispatcher_returning_at_once_is_not_reported_failed(sim
         dispatcher.feed.report(job["uuid"], JobStatus.COMPLETED)  # the worker's final status, later
         await simulator.wait_for(lambda: simulator.stored[job["uuid"]][-1] == "completed", 5, "completed")
     assert simulator.stored[job["uuid"]] == ["sent", "received", "completed"]
-    assert not run.events_of("JOB_DISPATCH_FAILED")
+    assert not run.events_of("JOB_UNFINISHED") and not run.events_of("JOB_DISPATCH_FAILED")
 
 
 # == 5. sync callables where coroutines are required ================================================
@@ -602,6 +605,8 @@ async def test_messages_pending_at_stop_are_one_dropped_event_per_message_type()
         await wait_until(lambda: run.client.pending.held == 2 * len(jobs) + 3, 5, "all held")
     dropped = run.events_of("MESSAGE_DROPPED")
     assert len(dropped) == 2
+    for event in dropped:
+        assert_event_shape(event)  # MESSAGE_DROPPED's usual fields
     by_type = {e.data["message_type"]: e.data for e in dropped}
     assert by_type["V0JobStatusUpdate"]["count"] == 2 * len(jobs)
     assert (by_type["V0JobStatusUpdate"]["first_job_uuid"], by_type["V0JobStatusUpdate"]["last_job_uuid"]) == (

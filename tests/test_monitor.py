@@ -45,11 +45,13 @@ EVENT_FIELDS: dict[str, set[str]] = {
     "MALFORMED_MESSAGE": {"excerpt", "error"},
     "MESSAGE_DROPPED": {
         "message_type", "reason", "count", "job_uuid", "status", "frame_bytes", "limit", "errors", "excerpt",
+        "first_job_uuid", "last_job_uuid",
     },
     "SUSPECTED_POISON": {
         "message_type", "job_uuid", "status", "connections", "sends", "age", "frame_bytes", "excerpt",
     },
     "JOB_DISPATCH_FAILED": {"job_uuid", "exception", "message"},
+    "JOB_UNFINISHED": {"job_uuid", "reason", "message"},
     "CHEAT_HANDLER_FAILED": {"job_uuid", "exception", "message"},
     "SOURCE_FAILED": {"exception", "message"},
     "SUBSCRIBER_FAILED": {"stream", "exception", "message"},
@@ -598,6 +600,7 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
         assert event.data == {
             "message_type": "V0JobStatusUpdate", "reason": "outbox_full", "count": 1,
             "job_uuid": job_uuid, "status": "received", "frame_bytes": 118, "limit": None, "errors": [],
+            "first_job_uuid": job_uuid, "last_job_uuid": job_uuid,
             "excerpt": orjson.dumps(
                 {"message_type": "V0JobStatusUpdate", "uuid": job_uuid, "status": "received", "metadata": None}
             ).decode(),

@@ -34,6 +34,7 @@ _CONNECTION = {
 
 _FAILURES = {
     "JOB_DISPATCH_FAILED": logging.ERROR,
+    "JOB_UNFINISHED": logging.ERROR,
     "JOB_REJECTED": logging.WARNING,
     "CHEAT_REJECTED": logging.WARNING,
     "CONFIG_WARNING": logging.WARNING,
