@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from streams.exceptions import ConfigError
 from streams.protocol import MAX_FRAME_BYTES
@@ -31,6 +31,7 @@ __all__ = [
     "Bound",
     "ClientConfig",
     "ConfigError",
+    "redact_url",
     "validate_ws_url",
 ]
 
@@ -55,6 +56,16 @@ GiB = 2**30
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _STATSD_PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def validate_ws_url(url: object, *, what: str = "url") -> None:

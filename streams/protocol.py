@@ -900,6 +900,8 @@ def _short(value: object) -> str:
 
 def json_kind(value: object) -> str:
     """JSON's name for a parsed value, as the sender would think of it."""
+    if isinstance(value, dict):
+        return "an object"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):

@@ -33,7 +33,7 @@ import pydantic_core
 from bittensor_wallet import Keypair
 from pydantic import BaseModel
 
-from streams.protocol import V0JobCheated, V2JobRequest
+from streams.protocol import V0JobCheated, V2JobRequest, json_kind
 
 __all__ = [
     "SIGNATURE_TYPE",
@@ -181,7 +181,7 @@ def _parse(obj: object) -> _Signature:
     if obj is None:
         raise _Refused(SignatureFailure.MISSING, "the request carries no signature")
     if not isinstance(obj, dict):
-        raise _Refused(SignatureFailure.MALFORMED, f"`signature` must be an object, got {_kind(obj)}")
+        raise _Refused(SignatureFailure.MALFORMED, f"`signature` must be an object, got {json_kind(obj)}")
     missing = [k for k in ("signature_type", "signatory", "timestamp_ns", "signature") if k not in obj]
     if missing:
         raise _Refused(SignatureFailure.MALFORMED, f"`signature` lacks {', '.join(missing)}")
@@ -209,7 +209,7 @@ def _parse(obj: object) -> _Signature:
         )
     encoded = obj["signature"]
     if not isinstance(encoded, str):
-        raise _Refused(SignatureFailure.MALFORMED, f"`signature.signature` must be a string, got {_kind(encoded)}")
+        raise _Refused(SignatureFailure.MALFORMED, f"`signature.signature` must be a string, got {json_kind(encoded)}")
     try:
         signature = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -313,19 +313,6 @@ class SignatureVerifier:
             return fail(SignatureFailure.INVALID, f"{mismatch} (signatory {parsed.signatory})")
         return Verification(None, "verified", parsed.signatory, parsed.timestamp_ns)
 
-
-def _kind(value: object) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return "null" if value is None else type(value).__name__
 
 
 def _short(value: object) -> str:

@@ -31,13 +31,14 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import reactivex
 from pydantic import ValidationError
 
 from operators import Backoff
+from streams.config import redact_url as redact
 from streams.dispatchers import Dispatcher, Handler, Metadata, Report, as_dispatcher
 from streams.exceptions import DispatcherError
 from streams.protocol import JobStatus, JobStatusUpdate, V0MachineSpecsUpdate, V2JobRequest, json_kind
@@ -148,15 +149,6 @@ async def _close_layer(layer: ChannelLayer) -> None:
     except Exception as exc:  # closing a broken connection may raise; nothing is lost
         log.debug("closing the channel layer: %s", exc)
 
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 async def _receive(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     pass
+
+from streams.config import redact_url as redact
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,3 @@ def check_redis_url(url: str) -> None:
     if scheme not in _REDIS_SCHEMES:
         raise ValueError(f"the status stream needs a Redis URL (redis://HOST:PORT/DB), got {redact(url)!r}")
 
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
