@@ -113,7 +113,7 @@ async def shutdown_run(queued: int = 1000, journal: bool = False) -> Shutdown:
             assert proc.stderr is not None
             stderr = (await proc.stderr.read()).decode(errors="replace")
             pending = sum(
-                1 for e in _events(events)
+                int(e["data"].get("count", 1)) for e in _events(events)
                 if e["type"] == "MESSAGE_DROPPED" and e["data"].get("message_type") == "V0JobStatusUpdate"
             )
             kept = summarize(journal_path).pending_by_kind.get("V0JobStatusUpdate", 0) if journal else 0

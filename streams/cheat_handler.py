@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import reactivex
 from reactivex.subject import Subject
 
+from streams.dispatchers.callback import require_async
 from streams.lifecycle import TaskOwner
 from streams.protocol import V0JobCheated
 from streams.signatures import SignatureVerifier, Verification
@@ -34,8 +35,8 @@ class CheatRejected:
 
 class CheatReportHandler:
     def __init__(self, handler: CheatHandler | None, verifier: SignatureVerifier | None = None) -> None:
-        if handler is not None and not callable(handler):
-            raise TypeError(f"on_cheat must be an async function, got {type(handler).__name__}")
+        if handler is not None:
+            require_async(handler, "on_cheat", "an `async def on_cheat(report)` function")
         self._handler = handler
         self._tasks = TaskOwner("cheat-reports")
         self._failures: Subject[CheatHandlerFailure] = Subject()

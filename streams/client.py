@@ -244,6 +244,7 @@ class FacilitatorClient:
         if self._phase is not _Phase.NEW:
             raise UsageError(f"FacilitatorClient.start() can be called once; this client is {self._phase.value}")
         self._open_journal()  # a bad journal (JournalError) refuses the start before anything runs
+        self._jobs.report_cancelled = self._journal is None
         self._phase = _Phase.RUNNING
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -338,6 +339,8 @@ class FacilitatorClient:
     async def _drain(self, timeout: float) -> None:
         self._phase = _Phase.STOPPING
         self._jobs.stop_accepting()
+        if self._journal is None:  # (a journal keeps them open: the next start reports them horde_failed)
+            await self._jobs.cancel_running()  # their horde_failed statuses go out in this drain
         messages = self._messages
         if self._journal is not None:
             timeout = 0.0  # nothing pending is dropped: it stays journaled for the next start

@@ -101,7 +101,45 @@ class Disconnected:
     """Backoff before the next attempt; None when the client is stopping."""
 
 
-ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | Disconnected
+@dataclass(frozen=True, slots=True)
+class SignerFailed:
+    """``signer.sign()`` raised (an HSM or remote signer briefly unavailable): retried with backoff."""
+
+    attempt: int
+    error: Exception
+    retry_in: float
+
+
+ConnectionChange = ConnectAttempt | ConnectFailed | Connected | AuthRejected | SignerFailed | Disconnected
+
+
+class _SignerError(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _GuardedSigner:
+    """The host's signer as the manager uses it: a raise is a _SignerError (an AUTH_FAILED, retried
+    with backoff), a result that is not bytes a TypeError naming the expected type (a bug: refused)."""
+
+    def __init__(self, signer: Signer) -> None:
+        self._signer = signer
+
+    @property
+    def public_key(self) -> bytes | None:
+        return self._signer.public_key
+
+    def sign(self, data: bytes) -> bytes:
+        try:
+            signature: object = self._signer.sign(data)
+        except Exception as exc:
+            raise _SignerError(exc) from exc
+        if not isinstance(signature, bytes | bytearray):
+            raise TypeError(
+                f"signer.sign() must return bytes (the sr25519 signature), got {type(signature).__name__}"
+            )
+        return bytes(signature)
 
 
 _ALREADY_AUTHENTICATED = "auth.already_authenticated"
@@ -144,7 +182,7 @@ class ConnectionManager:
         on_subscriber_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._config = config
-        self._signer = signer
+        self._signer = _GuardedSigner(signer)
         self._transport = transport
         self._clock = clock
         self._wall_clock = wall_clock
@@ -263,10 +301,19 @@ class ConnectionManager:
         self._changes.on_next(ConnectAttempt(self._attempt))
         mode = self._config.auth_mode
         try:
-            if mode is AuthMode.MESSAGE:
+            # Signed before connecting: a signer that fails costs the facilitator no connection.
+            headers = None if mode is AuthMode.MESSAGE else auth_headers(self._signer, self._wall_clock())
+            auth_frame = None if mode is AuthMode.HEADERS else encode(V0AuthenticationRequest.from_signer(self._signer))
+        except _SignerError as exc:
+            self._set_state(ConnectionState.DISCONNECTED)
+            delay = self._backoff.next_delay()
+            self._changes.on_next(SignerFailed(self._attempt, exc.error, delay))
+            return delay
+        try:
+            if headers is None:
                 await self._transport.connect()  # the contract's old shape: custom transports keep working
             else:
-                await self._transport.connect(headers=auth_headers(self._signer, self._wall_clock()))
+                await self._transport.connect(headers=headers)
         except TransportConnectError as exc:
             self._set_state(ConnectionState.DISCONNECTED)
             if exc.info.http_status == HTTPStatus.FORBIDDEN:
@@ -279,11 +326,18 @@ class ConnectionManager:
 
         self._set_state(ConnectionState.AUTHENTICATING)
         try:
-            await self._authenticate()
+            await self._authenticate(auth_frame)
         except AuthenticationFailed as exc:
+            delay = self._config.backoff_cap
+            if exc.response is None:
+                # Garbage, another message, or silence: the facilitator is not about to close, so
+                # waiting for its close frame would only delay the report. Report now, then close.
+                self._changes.on_next(AuthRejected(None, str(exc), None, delay))
+                await self._close_quietly("auth failed")
+                self._set_state(ConnectionState.DISCONNECTED)
+                return delay
             info = await self._await_close()
             self._set_state(ConnectionState.DISCONNECTED)
-            delay = self._config.backoff_cap
             self._changes.on_next(AuthRejected(exc.response, str(exc), info, delay))
             return delay
         except TransportClosed as exc:
@@ -324,11 +378,10 @@ class ConnectionManager:
             text += " (signature invalid, hotkey not a validator, or the clock is off by more than a minute)"
         return text
 
-    async def _authenticate(self) -> None:
+    async def _authenticate(self, frame: str | None) -> None:
         mode = self._config.auth_mode
-        if mode is AuthMode.HEADERS:
-            return  # the handshake was the auth: the draft facilitator answers nothing more
-        frame = encode(V0AuthenticationRequest.from_signer(self._signer))
+        if frame is None:
+            return  # headers mode: the handshake was the auth, the draft facilitator answers nothing more
         await self._transport.send(frame)
         try:
             async with asyncio.timeout(self._config.auth_timeout):
@@ -350,6 +403,16 @@ class ConnectionManager:
         if mode is AuthMode.BOTH and message.error_types == (_ALREADY_AUTHENTICATED,):
             return  # authenticated by the headers already
         raise AuthenticationFailed(f"auth rejected: {message.describe()}", message)
+
+    async def _close_quietly(self, reason: str) -> None:
+        """Close with 1000 within close_timeout (then abort): the connection is of no use any more."""
+        try:
+            async with asyncio.timeout(self._config.close_timeout):
+                await self._transport.close(1000, reason)
+        except (TimeoutError, TransportError) as exc:
+            log.debug("close after a failed auth: %s", exc)
+        finally:
+            self._transport.abort()
 
     async def _await_close(self) -> CloseInfo | None:
         """After a rejected auth the facilitator closes (3000/3001): wait briefly to learn the code."""

@@ -21,6 +21,8 @@ class EventType(enum.StrEnum):
     SUSPECTED_POISON = "SUSPECTED_POISON"
     """The oldest unanswered status update outlived N connections that each ended without answering it."""
     JOB_DISPATCH_FAILED = "JOB_DISPATCH_FAILED"
+    JOB_UNFINISHED = "JOB_UNFINISHED"
+    """The dispatcher returned, or was cancelled at stop, before the job's final status: horde_failed reported."""
     CHEAT_HANDLER_FAILED = "CHEAT_HANDLER_FAILED"
     JOB_REJECTED = "JOB_REJECTED"
     """A job request whose signature did not verify (or whose signatory is not trusted): not run."""

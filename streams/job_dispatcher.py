@@ -2,7 +2,11 @@
 
 The client reports ``received`` on dispatch, dispatches a job uuid once however often the
 facilitator sends it, caps how many jobs run at once, and turns a dispatcher that raises into a
-``horde_failed`` status (reason ``unhandled_exception``). Three dispatchers ship: a callback
+``horde_failed`` status (reason ``unhandled_exception``). A dispatcher that returns, or is
+cancelled at the client's stop, before its job reached a final status would leave the job
+``accepted`` at the facilitator forever: the client reports ``horde_failed`` (reason
+``generic_error``) for it. Not for a FeedingDispatcher (Celery): its ``handle()`` returns once the
+job is queued and the statuses come later, from its workers. Three dispatchers ship: a callback
 dispatcher around ``async def handle(job, report)``, a simulated one for demos and tests, and
 (phase 2) a Celery one: all in :mod:`streams.dispatchers`.
 """
@@ -17,14 +21,14 @@ from dataclasses import dataclass
 import reactivex
 from reactivex.subject import Subject
 
-from streams.dispatchers.base import Dispatcher, Handler, ManagedDispatcher, Report
+from streams.dispatchers.base import Dispatcher, FeedingDispatcher, Handler, ManagedDispatcher, Report
 from streams.dispatchers.callback import as_dispatcher
 from streams.job_status_update_manager import JobStatusUpdateManager
 from streams.lifecycle import TaskOwner
 from streams.protocol import JobRejectionReason, JobStatus, JobStatusUpdate, V2JobRequest
 from streams.signatures import SignatureVerifier, Verification
 
-__all__ = ["JobDispatcher", "JobFailure", "JobRejected"]
+__all__ = ["JobDispatcher", "JobFailure", "JobRejected", "JobUnfinished"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,13 @@ log = logging.getLogger(__name__)
 class JobFailure:
     job_uuid: str
     error: BaseException
+    kind: str = "raised"
+    """``raised`` (the dispatcher raised ``error``), ``no_final_status`` (it returned without one) or
+    ``cancelled`` (stopped by the client's teardown before the job finished)."""
+
+
+class JobUnfinished(Exception):
+    """The dispatcher ended without the job reaching a final status (the client reported horde_failed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,10 @@ class JobDispatcher:
     ) -> None:
         """``verifier``: every job must pass it before dispatch; None dispatches unverified (tests)."""
         self._dispatcher = as_dispatcher(dispatcher)
+        self._feeding = isinstance(self._dispatcher, FeedingDispatcher)
+        self.report_cancelled = True
+        """Report horde_failed for a job cancelled at stop. The client turns it off with a journal,
+        which keeps such a job open and reports it horde_failed at the next start."""
         self._statuses = statuses
         self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -144,6 +159,7 @@ class JobDispatcher:
                 async with self._slots:
                     await self._dispatcher.handle(job, report)
         except asyncio.CancelledError:
+            self._unfinished(job.uuid, report, "cancelled")
             raise
         except Exception as exc:
             self._failures.on_next(JobFailure(job.uuid, exc))
@@ -152,8 +168,24 @@ class JobDispatcher:
                     job.uuid, reason="unhandled_exception", message=f"{type(exc).__name__}: {exc}"[:1000]
                 )
                 report(update.status, update.metadata)
+        else:
+            self._unfinished(job.uuid, report, "no_final_status")
         finally:
             self._finished.on_next(job.uuid)
+
+    def _unfinished(self, job_uuid: str, report: Report, kind: str) -> None:
+        """The dispatcher ended and the job has no final status: report horde_failed (and a JobFailure)."""
+        if self._feeding or not self._statuses.is_open(job_uuid):
+            return
+        if kind == "cancelled" and not self.report_cancelled:
+            return
+        if kind == "cancelled":
+            message = "the validator stopped before the job finished (its dispatcher was cancelled)"
+        else:
+            message = "the dispatcher returned without reporting a final status"
+        self._failures.on_next(JobFailure(job_uuid, JobUnfinished(message), kind))
+        update = JobStatusUpdate.horde_failed(job_uuid, reason="generic_error", message=message)
+        report(update.status, update.metadata)
 
     async def start(self) -> None:
         if isinstance(self._dispatcher, ManagedDispatcher):
@@ -161,6 +193,14 @@ class JobDispatcher:
 
     def stop_accepting(self) -> None:
         self._accepting = False
+
+    async def cancel_running(self) -> None:
+        """At the start of the client's teardown: cancel the running jobs so that the horde_failed
+        each one then reports is still sent in the drain (a FeedingDispatcher's jobs are left alone:
+        its workers go on and report through the feed)."""
+        self._accepting = False
+        if not self._feeding:
+            await self._tasks.cancel_all()
 
     async def stop(self) -> None:
         """Stop taking jobs, cancel running ones, and stop the dispatcher."""

@@ -69,8 +69,12 @@ class TaskOwner:
 
 
     async def aclose(self) -> None:
-        """Cancel every task and wait until each has finished."""
+        """Cancel every task and wait until each has finished; no task can be started afterwards."""
         self._closed = True
+        await self.cancel_all()
+
+    async def cancel_all(self) -> None:
+        """Cancel every running task and wait until each has finished (new ones may still start)."""
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()

@@ -23,6 +23,7 @@ from streams.connection_manager import (
     ConnectionChange,
     ConnectionManager,
     Disconnected,
+    SignerFailed,
 )
 from streams.dispatchers.base import FailureReporting
 from streams.events import ConnectionState, EventType, SystemEvent
@@ -58,15 +59,37 @@ def _close_data(info: CloseInfo | None) -> dict[str, object]:
     }
 
 
+class _DisposedSummary:
+    """What the outbox still held of one message type when it stopped."""
+
+    __slots__ = ("count", "first_job", "frame_bytes", "last_job")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.frame_bytes = 0
+        self.first_job: str | None = None
+        self.last_job: str | None = None
+
+    def add(self, job_uuid: str | None, frame: str) -> None:
+        self.count += 1
+        self.frame_bytes += _utf8_len(frame)
+        if job_uuid is not None:
+            if self.first_job is None:
+                self.first_job = job_uuid
+            self.last_job = job_uuid
+
+
 def _utf8_len(frame: str) -> int:
     return len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
 
 
 def _drop_data(envelope: Envelope, reason: str) -> dict[str, object]:
-    """MESSAGE_DROPPED's fields, the same for every reason (``limit`` and ``errors`` for refusals)."""
+    """MESSAGE_DROPPED's fields, the same for every reason (``limit`` and ``errors`` for refusals;
+    ``first_job_uuid``/``last_job_uuid`` say more for the one summary per type at stop)."""
     return {
         "message_type": envelope.kind, "reason": reason, "count": 1,
         "job_uuid": envelope.job_uuid, "status": envelope.status,
+        "first_job_uuid": envelope.job_uuid, "last_job_uuid": envelope.job_uuid,
         "frame_bytes": _utf8_len(envelope.frame), "limit": None, "errors": [], "excerpt": excerpt(envelope.frame),
     }
 
@@ -82,6 +105,7 @@ class PerformanceMonitor:
         self._emitting = 0
         self._failed_subscribers: set[tuple[str, str]] = set()
         self._pending: deque[SystemEvent] = deque()
+        self._disposed: dict[str, _DisposedSummary] = {}
 
     @property
     def events(self) -> reactivex.Observable[SystemEvent]:
@@ -136,7 +160,7 @@ class PerformanceMonitor:
         add(connection.changes.subscribe(self._on_change))
         add(connection.state.subscribe(self._on_state))
         add(messages.sent.subscribe(self._on_sent))
-        add(messages.dropped.subscribe(self._on_dropped))
+        add(messages.dropped.subscribe(self._on_dropped, on_completed=self._report_disposed))
         add(messages.acks.subscribe(self._on_ack))
         add(messages.requeued.subscribe(self._on_requeued))
         add(messages.refused.subscribe(self._on_refused))
@@ -194,6 +218,17 @@ class PerformanceMonitor:
                 http_status=None if change.info is None else change.info.http_status,
                 retry_in=round(change.retry_in, 3), **_close_data(change.info),
             )
+        elif isinstance(change, SignerFailed):
+            m.incr("connect.failures")
+            m.incr("auth.failures")
+            error = change.error
+            self.emit(
+                EventType.AUTH_FAILED, "signer",
+                f"the signer failed: {type(error).__name__}: {error}",
+                # AUTH_FAILED's fields, as for a refused auth: no Response, no connection was opened.
+                errors=[], http_status=None, retry_in=round(change.retry_in, 3), close_code=None, close_reason="",
+                exception=type(error).__name__, exception_message=str(error)[:500],
+            )
         elif isinstance(change, Connected):
             m.incr("connect.successes")
             m.timing("connect.duration", change.connect_duration)
@@ -232,6 +267,13 @@ class PerformanceMonitor:
         if envelope.kind == "V0Heartbeat" and dropped.reason in ("superseded", "stale"):
             self.metrics.incr("messages.coalesced.V0Heartbeat")
             return
+        if dropped.reason == "disposed":
+            # At stop the outbox may hold 100,000 messages: one event per message type, not per message.
+            summary = self._disposed.get(envelope.kind)
+            if summary is None:
+                summary = self._disposed[envelope.kind] = _DisposedSummary()
+            summary.add(envelope.job_uuid, envelope.frame)
+            return
         self.metrics.incr(f"messages.dropped.{envelope.kind}")
         self.emit(
             EventType.MESSAGE_DROPPED, envelope.kind,
@@ -269,6 +311,24 @@ class PerformanceMonitor:
             connections=head.connections, sends=envelope.sends, age=round(head.age, 3),
             frame_bytes=_utf8_len(envelope.frame), excerpt=excerpt(envelope.frame),
         )
+
+    def _report_disposed(self) -> None:
+        """The outbox stopped: one MESSAGE_DROPPED per message type it still held, with the count."""
+        summaries, self._disposed = self._disposed, {}
+        for kind, summary in summaries.items():
+            self.metrics.incr(f"messages.dropped.{kind}", summary.count)
+            jobs = ""
+            if summary.first_job is not None:
+                jobs = f" (jobs {summary.first_job} … {summary.last_job})" if summary.count > 1 else (
+                    f" (job {summary.first_job})"
+                )
+            self.emit(
+                EventType.MESSAGE_DROPPED, kind,
+                f"{summary.count} {kind} dropped at stop, never sent (disposed){jobs}",
+                message_type=kind, reason="disposed", count=summary.count, job_uuid=None, status=None,
+                frame_bytes=summary.frame_bytes, limit=None, errors=[], excerpt="",
+                first_job_uuid=summary.first_job, last_job_uuid=summary.last_job,
+            )
 
     def _on_ack(self, ack: AckOutcome) -> None:
         m = self.metrics
@@ -325,6 +385,14 @@ class PerformanceMonitor:
         self.metrics.gauge("jobs.active", self._active_jobs)
 
     def _on_job_failure(self, failure: JobFailure) -> None:
+        if failure.kind != "raised":  # returned or cancelled without a final status: horde_failed sent
+            self.metrics.incr("jobs.unfinished")
+            self.emit(
+                EventType.JOB_UNFINISHED, failure.kind,
+                f"job {failure.job_uuid}: {failure.error}; reported horde_failed (generic_error)",
+                job_uuid=failure.job_uuid, reason="generic_error", message=str(failure.error),
+            )
+            return
         self.metrics.incr("jobs.failed")
         self.emit(
             EventType.JOB_DISPATCH_FAILED, type(failure.error).__name__,

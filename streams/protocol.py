@@ -168,8 +168,20 @@ class V0AuthenticationRequest(_Outbound):
         if signer.public_key is None:
             raise ValueError("the signer has no public key, so it cannot authenticate")
         public_key = bytes(signer.public_key)
-        signature = bytes(signer.sign(public_key))
-        return cls(public_key=public_key.hex(), signature="0x" + signature.hex())
+        return cls.signed(public_key, signer.sign(public_key))
+
+    @classmethod
+    def signed(cls, public_key: bytes, signature: object) -> V0AuthenticationRequest:
+        """The request from a signer's result; a result that is not bytes is a TypeError naming it.
+
+        (``bytes(result)`` would turn a list of ints into bytes and fail on a str with an
+        unrelated message: a signer that returns the wrong type is a bug to be told about.)
+        """
+        if not isinstance(signature, bytes | bytearray):
+            raise TypeError(
+                f"signer.sign() must return bytes (the sr25519 signature), got {type(signature).__name__}"
+            )
+        return cls(public_key=public_key.hex(), signature="0x" + bytes(signature).hex())
 
 
 class V0Heartbeat(_Outbound):

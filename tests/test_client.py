@@ -225,7 +225,9 @@ async def test_duplicate_jobs_dispatch_once_and_a_raising_dispatcher_reports_hor
             await sim.wait_for(lambda: "horde_failed" in sim.stored[boom["uuid"]], 5, "horde_failed stored")
             await wait_until(lambda: run.counters.get("jobs.duplicates", 0) == 1, 5, "duplicate counted")
             assert calls[job["uuid"]] == 1
-            assert sim.stored[job["uuid"]] == ["sent", "received"]
+            # The handler returned without a final status: the client reported horde_failed for it.
+            await sim.wait_for(lambda: "horde_failed" in sim.stored[job["uuid"]], 5, "horde_failed stored")
+            assert sim.stored[job["uuid"]] == ["sent", "received", "horde_failed"]
             assert sim.stored[boom["uuid"]] == ["sent", "received", "horde_failed"]
             meta = sim.stored_metadata[boom["uuid"]][-1]["horde_failure_details"]
             assert meta["reason"] == "unhandled_exception"

@@ -45,11 +45,13 @@ EVENT_FIELDS: dict[str, set[str]] = {
     "MALFORMED_MESSAGE": {"excerpt", "error"},
     "MESSAGE_DROPPED": {
         "message_type", "reason", "count", "job_uuid", "status", "frame_bytes", "limit", "errors", "excerpt",
+        "first_job_uuid", "last_job_uuid",
     },
     "SUSPECTED_POISON": {
         "message_type", "job_uuid", "status", "connections", "sends", "age", "frame_bytes", "excerpt",
     },
     "JOB_DISPATCH_FAILED": {"job_uuid", "exception", "message"},
+    "JOB_UNFINISHED": {"job_uuid", "reason", "message"},
     "CHEAT_HANDLER_FAILED": {"job_uuid", "exception", "message"},
     "SOURCE_FAILED": {"exception", "message"},
     "SUBSCRIBER_FAILED": {"stream", "exception", "message"},
@@ -282,7 +284,7 @@ async def test_statsd_prefix_is_configurable(sim: FacilitatorSimulator) -> None:
     [
         pytest.param("statsd.invalid", 8125, True, id="unresolvable-host"),
         pytest.param("statsd..bad-name", 8125, True, id="malformed-host"),
-        pytest.param("127.0.0.1", 70_000, True, id="port-out-of-range"),
+        # (a port out of range is refused by ClientConfig itself: tests/test_hardening.py)
         pytest.param("127.0.0.1", None, False, id="closed-port"),
     ],
 )
@@ -598,6 +600,7 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
         assert event.data == {
             "message_type": "V0JobStatusUpdate", "reason": "outbox_full", "count": 1,
             "job_uuid": job_uuid, "status": "received", "frame_bytes": 118, "limit": None, "errors": [],
+            "first_job_uuid": job_uuid, "last_job_uuid": job_uuid,
             "excerpt": orjson.dumps(
                 {"message_type": "V0JobStatusUpdate", "uuid": job_uuid, "status": "received", "metadata": None}
             ).decode(),
@@ -605,9 +608,13 @@ async def test_message_dropped_events_for_status_updates_past_the_outbox_bound()
         assert job_uuid in event.description and "outbox_full" in event.description
     assert counters["messages.dropped.V0JobStatusUpdate"] == 2
     assert depth == 3
-    # Stopped while still disconnected: the three held updates are reported too, not lost silently.
+    # Stopped while still disconnected: the three held updates are reported too (in one summary
+    # event per message type, not one per message), not lost silently.
     at_stop = run.events_of("MESSAGE_DROPPED")[2:]
-    assert [(e.data["job_uuid"], e.data["reason"]) for e in at_stop] == [(j, "disposed") for j in jobs[2:]]
+    summaries = [
+        (e.data["reason"], e.data["count"], e.data["first_job_uuid"], e.data["last_job_uuid"]) for e in at_stop
+    ]
+    assert summaries == [("disposed", 3, jobs[2], jobs[4])]
 
 
 async def test_stopping_while_disconnected_reports_every_unsent_status_update(sim: FacilitatorSimulator) -> None:
@@ -625,7 +632,10 @@ async def test_stopping_while_disconnected_reports_every_unsent_status_update(si
         for job_uuid in jobs[2:]:
             run.client._statuses.open(job_uuid)("received")  # held: the outbox is closed
         assert run.client.pending.held == 2
-    assert {e.data["job_uuid"] for e in run.events_of("MESSAGE_DROPPED")} == set(jobs)
+    (summary,) = run.events_of("MESSAGE_DROPPED")  # one per message type, with the count
+    assert summary.data["reason"] == "disposed" and summary.data["count"] == len(jobs)
+    assert (summary.data["first_job_uuid"], summary.data["last_job_uuid"]) == (jobs[0], jobs[-1])
+    assert run.counters["messages.dropped.V0JobStatusUpdate"] == len(jobs)
 
 
 async def test_message_dropped_events_for_spec_updates_past_max_pending_specs() -> None:

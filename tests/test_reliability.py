@@ -447,7 +447,7 @@ async def _settled(sim: FacilitatorSimulator, run: Running, tasks_at_most: int |
 async def test_leak_1000_connect_drop_cycles_leave_tasks_objects_and_rss_at_baseline() -> None:
     async with FacilitatorSimulator(seed=5) as sim:
         config = fast_config(
-            sim.url, backoff_base=0.001, backoff_cap=0.001, backoff_stable_after=0.0, heartbeat_period=30.0,
+            sim.url, backoff_base=0.01, backoff_cap=0.01, backoff_stable_after=0.0, heartbeat_period=30.0,
             ping_interval=5.0, ping_timeout=5.0,
         )
         async with running_client(config) as run:

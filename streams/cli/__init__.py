@@ -27,7 +27,10 @@ _SUBCOMMANDS = (run, simulate, demo, replay, worker, journal)
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser, and the coroutine function of each subcommand."""
     parser = Parser(prog="python -m streams", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default WARNING (for `run`: INFO for its own status lines)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     commands: dict[str, Command] = {}
     for module in _SUBCOMMANDS:
@@ -41,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, its one line already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.log_level_given = args.log_level is not None  # `run` shows its status lines unless told otherwise
+    args.log_level = args.log_level or "WARNING"
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

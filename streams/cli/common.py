@@ -98,12 +98,17 @@ async def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(main())
 
+    signalled = False
+
     def cancel_once() -> None:
         # A second Ctrl-C must not cut the (bounded) teardown short and leave tasks behind.
+        nonlocal signalled
+        signalled = True
         if not task.cancelling():
             task.cancel()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
         loop.add_signal_handler(sig, cancel_once)
     try:
         await task
@@ -111,5 +116,12 @@ async def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
         if not task.cancelled():
             raise
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
+            # remove_signal_handler installs Python's default (KeyboardInterrupt on SIGINT), which
+            # would turn a second Ctrl-C during the exit into a traceback: after a signal, further
+            # SIGINTs are ignored (the process is on its way out); otherwise what was there returns.
+            if sig == signal.SIGINT and signalled:
+                signal.signal(sig, signal.SIG_IGN)
+            elif handler is not None:
+                signal.signal(sig, handler)

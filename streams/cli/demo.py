@@ -18,7 +18,8 @@ __all__ = ["register"]
 def register(sub: Any) -> dict[str, Command]:
     parser = sub.add_parser("demo", help="the simulator and a client, with a live view and a summary")
     parser.add_argument("--jobs", type=at_least(1), default=50, help="job requests the facilitator sends (default 50)")
-    parser.add_argument("--duration", type=positive, default=45.0, help="give up after this many seconds")
+    parser.add_argument("--duration", type=positive, default=45.0,
+                        help="stop after this many seconds, finished or not (default 45)")
     parser.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
                         help="inject drops, close codes, a stall and an auth refusal (default on)")
     parser.add_argument("--seed", type=int, default=7)
@@ -52,3 +53,5 @@ async def _demo(args: argparse.Namespace) -> None:
     print_summary(outcome[0])
     if not outcome[0].ok:
         raise CliError("the demo lost or reordered status updates")
+    if outcome[0].timed_out:
+        print(f"demo: stopped at --duration {args.duration:g} s before every job finished", file=sys.stderr)

@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from reactivex import operators as ops
 
 from streams.cli import integrations
 from streams.cli.common import CliError, Command, host_port, non_negative, positive, run_until_signalled
 from streams.cli.journal import add_run_arguments as add_journal_arguments
 from streams.cli.journal import journal_path_for
+from streams.cli.report import LOGGER as STATUS_LOGGER
+from streams.cli.report import StatusLines
 from streams.config import AuthMode, ClientConfig
-from streams.dispatchers import CallbackDispatcher, Dispatcher, SimulatedDispatcher
-from streams.events import SystemEvent
+from streams.dispatchers import Dispatcher, SimulatedDispatcher, as_dispatcher
+from streams.events import ConnectionState, SystemEvent
 from streams.exceptions import ConfigError, JournalError, RecordingError
 
 __all__ = ["EventFile", "load_dispatcher", "load_signer", "load_trusted_signers", "register"]
@@ -58,7 +61,12 @@ def register(sub: Any) -> dict[str, Command]:
     run.add_argument("--statsd", type=host_port, metavar="HOST:PORT", help="send metrics to statsd")
     run.add_argument("--events", type=Path, metavar="FILE", help="append SystemEvents as JSON lines")
     run.add_argument("--record", type=Path, metavar="FILE", help="record the traffic as JSONL")
-    run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO (default): a start line, connection changes and failures; WARNING: failures only; "
+        "DEBUG: every event",
+    )
+    run.add_argument("--quiet", action="store_true", help="no status lines (errors still end the process)")
     from streams.cli import worker
 
     worker.add_run_flags(run)
@@ -136,11 +144,10 @@ def load_dispatcher(spec: str, step_delay: float | None, args: argparse.Namespac
             target = target()
         except Exception as exc:
             raise CliError(f"cannot create dispatcher {spec!r}: {exc}") from None
-    if isinstance(target, Dispatcher):
-        return target
-    if callable(target):
-        return CallbackDispatcher(target)
-    raise CliError(f"{spec!r} is neither `async def handle(job, report)` nor an object with such a method")
+    try:
+        return as_dispatcher(target)  # refuses sync callables: each job would fail at run time
+    except TypeError as exc:
+        raise CliError(f"--dispatcher {spec}: {exc}") from None
 
 
 class EventFile:
@@ -214,13 +221,19 @@ async def _run(args: argparse.Namespace) -> None:
     events = EventFile(args.events) if args.events else None
     if events is not None:
         client.events.subscribe(events.write)
-    client.events.subscribe(lambda event: log.info("%s %s: %s", event.type, event.subtype, event.description))
+    status = _status_lines(args)
+    client.events.subscribe(status)
+    # Said at the first connection attempt: after the start's own checks (the journal), which may refuse it.
+    client.state.pipe(ops.filter(lambda state: state is ConnectionState.CONNECTING), ops.take(1)).subscribe(
+        lambda _: status.started(config.url, _who(signer), args.dispatcher)
+    )
     try:
         plumbing.attach(client)
         await run_until_signalled(client.start)
     except JournalError as exc:  # not a journal, corrupt, newer, another hotkey's, locked: refused at start
         raise CliError(str(exc)) from None
     finally:
+        status.close()
         await plumbing.aclose()
         if events is not None:
             events.close()
@@ -228,3 +241,18 @@ async def _run(args: argparse.Namespace) -> None:
             await recorder.aclose()
 
 
+def _status_lines(args: argparse.Namespace) -> StatusLines:
+    """The operator's view: INFO unless --log-level says otherwise; --quiet: nothing but ERRORs of the library."""
+    logger = logging.getLogger(STATUS_LOGGER)
+    if args.quiet:
+        logger.setLevel(logging.CRITICAL + 1)
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    elif not getattr(args, "log_level_given", False):
+        logger.setLevel(logging.INFO)
+    return StatusLines(logger)
+
+
+def _who(signer: Any) -> str:
+    """The hotkey as an operator knows it: its ss58 address (else the public key in hex)."""
+    address = getattr(signer, "ss58_address", None)
+    return address if isinstance(address, str) and address else "0x" + bytes(signer.public_key).hex()

@@ -13,15 +13,16 @@ import base64
 import binascii
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 import orjson
 
 from streams.exceptions import ReplayError
 from streams.protocol import (
+    MAX_FRAME_BYTES,
     json_kind,
 )
 
@@ -44,6 +45,12 @@ FORMAT: Final = "facilitator-capture"
 VERSION: Final = 1
 
 SUPPORTED_VERSIONS = (VERSION,)
+
+MAX_LINE_BYTES: Final = 2 * MAX_FRAME_BYTES + 2**20
+"""The longest line :func:`load_recording` reads: a frame at the 50 MiB limit, JSON-escaped (a
+JSON frame's every ``"`` becomes ``\\"``: at most twice as long) or base64'd (4/3), plus the record's
+envelope. A longer line is not a record (``replay /dev/zero`` must fail at once, not eat the
+machine's memory)."""
 
 
 
@@ -206,27 +213,49 @@ def _conn(obj: dict[str, Any], fail: Callable[[str], ReplayError]) -> int:
     return conn
 
 
-def load_recording(path: str | Path, *, allow_truncated: bool = False) -> Recording:
+def load_recording(
+    path: str | Path, *, allow_truncated: bool = False, max_line_bytes: int = MAX_LINE_BYTES
+) -> Recording:
     """Read and validate a recording; raises :class:`ReplayError` naming the line at fault.
 
     Checked: every line is a JSON object; the first is a header of a known format and version;
     every record has its fields with the right types; times are not negative and never go
     backwards. A last line without its newline that is not valid JSON is reported as truncated
     (a recorder killed mid-write); ``allow_truncated=True`` drops it instead (with a warning).
-    Blank lines are ignored.
+    Blank lines are ignored. The file is read line by line, and a line longer than
+    ``max_line_bytes`` (default :data:`MAX_LINE_BYTES`) is an error: memory stays bounded by
+    one line whatever the file (``/dev/zero``, a binary file, a huge single line).
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            return _load(file, path, allow_truncated, max_line_bytes)
     except OSError as exc:
         raise ReplayError(path, None, f"cannot read the recording: {exc.strerror or exc}") from None
-    lines = data.split(b"\n")
-    truncated_last = not data.endswith(b"\n")  # then lines[-1] is the unterminated last line
+
+
+def _lines(file: BinaryIO, path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line without its newline, whether it had one), refusing overlong lines."""
+    number = 0
+    while True:
+        raw = file.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        number += 1
+        terminated = raw.endswith(b"\n")
+        if len(raw) - terminated > max_line_bytes:
+            raise ReplayError(
+                path, number, f"line longer than {max_line_bytes:,} bytes: not a recording record "
+                "(is this a recording of facilitator traffic?)"
+            )
+        yield number, raw[:-1] if terminated else raw, terminated
+
+
+def _load(file: BinaryIO, path: Path, allow_truncated: bool, max_line_bytes: int) -> Recording:
     header: Header | None = None
     records: list[Record] = []
     previous: Record | None = None
-    for index, raw in enumerate(lines):
-        number = index + 1
+    for number, raw, terminated in _lines(file, path, max_line_bytes):
         if not raw.strip():
             continue
 
@@ -236,7 +265,7 @@ def load_recording(path: str | Path, *, allow_truncated: bool = False) -> Record
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            if truncated_last and index == len(lines) - 1:
+            if not terminated:  # only the last line can lack its newline
                 if allow_truncated:
                     log.warning("%s: line %d: dropped a truncated last line", path, number)
                     break
