@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import random
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from streams.devtools.simulator import SUCCESS, FacilitatorSimulator
 from streams.transport import CloseInfo, Transport, TransportClosed, WebSocketTransport
+from tests.signed_fields import job_payload, verifies
 
 AuthFrame = Callable[..., str]  # the auth_frame fixture
 CAPTURE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "real-facilitator-session.jsonl"
@@ -40,30 +39,6 @@ BOB_SS58 = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
 """//Bob: the signatory of the capture's job requests and cheat report."""
 
 
-def verifies_as_signed_fields(job: dict[str, Any]) -> bool:
-    """PROTOCOL.md "Signatures", written out independently of the simulator (jobs without volumes/uploads)."""
-    fields = {
-        "executor_class": job["executor_class"],
-        "docker_image": job["docker_image"],
-        "args": job["args"],
-        "env": job["env"],
-        "use_gpu": job.get("use_gpu", True),
-        "artifacts_dir": job["artifacts_dir"] or "",
-        "on_trusted_miner": job["on_trusted_miner"],
-        "download_time_limit": job["download_time_limit"],
-        "execution_time_limit": job["execution_time_limit"],
-        "upload_time_limit": job["upload_time_limit"],
-        "streaming_start_time_limit": job["streaming_start_time_limit"],
-        "streaming_details": job["streaming_details"],
-        "volumes": job["volume"]["volumes"] if job["volume"] else [],
-        "uploads": job["output_upload"]["uploads"] if job["output_upload"] else [],
-    }
-    payload = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
-    signature = job["signature"]
-    digest = hashlib.blake2b(
-        signature["timestamp_ns"].to_bytes(8, "big") + json.dumps(payload, sort_keys=True).encode()
-    ).digest()
-    return bool(Keypair(ss58_address=signature["signatory"]).verify(digest, base64.b64decode(signature["signature"])))
 
 
 @pytest.fixture
@@ -332,7 +307,7 @@ async def test_job_requests_on_auth_are_signed_like_real_traffic(
     assert len({f["uuid"] for f in [*frames, job]}) == 3
     assert all(simulator.stored[f["uuid"]] == ["sent"] for f in [*frames, job])
     for frame in [*frames, job]:
-        assert verifies_as_signed_fields(frame)
+        assert verifies(frame, job_payload(frame))
         assert frame["signature"]["signatory"] == simulator.job_signer_ss58 == BOB_SS58
 
     report = await simulator.send_cheat_report(job["uuid"])
