@@ -54,6 +54,8 @@ from streams.protocol import (
     Response,
     V0MachineSpecsUpdate,
     encode,
+    status_frame,
+    status_frame_length,
     validate_specs,
 )
 from streams.safe_subject import LoopSubject
@@ -86,27 +88,69 @@ POLICIES: dict[str, HoldPolicy] = {
 }
 
 
-@dataclass(slots=True, eq=False)
 class Envelope:
-    """One outbound message, encoded once, as it travels through the outbox."""
+    """One outbound message, encoded once, as it travels through the outbox.
 
-    kind: str
-    frame: str
-    policy: HoldPolicy
-    enqueued_at: float
-    job_uuid: str | None = None
-    status: str | None = None
-    sends: int = 0
-    sent_at: float = 0.0
-    unanswered: int = 0
-    """Connections it was sent on that ended without answering it, as the oldest unanswered status update
-    (it stays the oldest until answered, so these are consecutive; a connection that never sent it does not count)."""
-    seq: int = 0
-    """Its row in the journal (0: not journaled); it goes on the wire only once that row is durable."""
+    A status update without metadata (the bulk of what an outage holds) keeps no frame: its frame is
+    a pure function of ``job_uuid`` and ``status`` (`status_frame`), built when it is written. So a
+    held one costs this object and its enqueue time, not also a ~170-byte string (bench/memory.py).
+    """
+
+    __slots__ = (
+        "_frame", "enqueued_at", "job_uuid", "kind", "policy", "sends", "sent_at", "seq", "status", "unanswered",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        frame: str | None,
+        policy: HoldPolicy,
+        enqueued_at: float,
+        job_uuid: str | None = None,
+        status: str | None = None,
+        *,
+        seq: int = 0,
+    ) -> None:
+        if frame is None and (kind != STATUS_KIND or job_uuid is None or status is None):
+            raise ValueError("only a status update with its job_uuid and status can be built without a frame")
+        self.kind = kind
+        self._frame = frame
+        self.policy = policy
+        self.enqueued_at = enqueued_at
+        self.job_uuid = job_uuid
+        self.status = status
+        self.sends = 0
+        self.sent_at = 0.0
+        self.unanswered = 0
+        """Connections it was sent on that ended without answering it, as the oldest unanswered status
+        update (it stays the oldest until answered, so these are consecutive; a connection that never
+        sent it does not count)."""
+        self.seq = seq
+        """Its row in the journal (0: not journaled); it goes on the wire only once that row is durable."""
+
+    @property
+    def frame(self) -> str:
+        """The text frame, as written to the wire."""
+        frame = self._frame
+        if frame is None:
+            return status_frame(self.job_uuid, self.status)  # type: ignore[arg-type]
+        return frame
+
+    @property
+    def size(self) -> int:
+        """Length of the frame in characters (what the outbox's byte bound counts)."""
+        frame = self._frame
+        if frame is None:
+            return status_frame_length(self.job_uuid, self.status)  # type: ignore[arg-type]
+        return len(frame)
 
     @property
     def expects_ack(self) -> bool:
         return self.kind == STATUS_KIND
+
+    def __repr__(self) -> str:
+        what = f" job_uuid={self.job_uuid!r} status={self.status!r}" if self.job_uuid is not None else ""
+        return f"<Envelope {self.kind}{what} sends={self.sends} seq={self.seq}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,13 +214,17 @@ class Depth:
         return self.held + self.wire + self.in_flight
 
 
+def _size_of(envelope: Envelope) -> int:
+    return envelope.size
+
+
 def _is_connected(state: ConnectionState) -> bool:
     return state is ConnectionState.CONNECTED
 
 
 def envelope_of(message: OutboundMessage, now: float) -> Envelope:
     if type(message) is EncodedStatusUpdate:  # the hot path: checked and encoded at report()
-        return Envelope(STATUS_KIND, message.frame, HoldPolicy.KEEP_ALL, now, message.uuid, message.status.value)
+        return Envelope(STATUS_KIND, None, HoldPolicy.KEEP_ALL, now, message.uuid, message.status.value)
     kind = message.message_type
     policy = POLICIES.get(kind)
     if policy is None:
@@ -351,13 +399,14 @@ class MessageManager:
                 max_count=self._config.outbox_max_messages,
                 max_bytes=self._config.outbox_max_bytes,
                 max_bounded=self._config.max_pending_specs,
-                size_of=lambda envelope: len(envelope.frame),
+                size_of=_size_of,
                 on_dropped=self._on_dropped,
                 on_depth=self._on_held_depth,
             ),
         )
 
         journal = self._journal
+        max_outbound = self._config.max_outbound_frame_bytes
 
         def route(message: OutboundMessage) -> None:
             envelope = envelope_of(message, self._clock())
@@ -365,7 +414,8 @@ class MessageManager:
                 self._to_priority(envelope)  # liveness, not data: never behind a backlog
                 return
             # Synchronous, so the error reaches whoever emitted the message (report(), publish_specs()).
-            error = refusal(message, envelope.frame, self._config.max_outbound_frame_bytes)
+            # (A frameless status update is ~120 characters, far below any allowed limit.)
+            error = None if envelope._frame is None else refusal(message, envelope._frame, max_outbound)
             if error is not None:
                 self._refused.on_next(Refused(envelope, error))
                 raise error

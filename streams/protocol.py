@@ -88,6 +88,8 @@ __all__ = [
     "encoded_status_update",
     "excerpt",
     "message_kind",
+    "status_frame",
+    "status_frame_length",
     "validate_specs",
 ]
 
@@ -406,21 +408,48 @@ _EMPTY_METADATA: Final = JobStatusMetadata()
 _STATUS_OF: Final[dict[str, JobStatus]] = {status.value: status for status in JobStatus}
 
 
+def status_frame(uuid: str, status: str) -> str:
+    """The frame of the metadata-less status update of job ``uuid`` (``status`` a JobStatus value).
+
+    Byte for byte what `encode` writes for the equal JobStatusUpdate. A pure function of its two
+    arguments, so the outbox keeps those rather than the frame (see ``Envelope``). The uuid is ASCII
+    hex and dashes (checked by `encoded_status_update`) and the status an enum value: nothing in
+    either needs escaping.
+    """
+    metadata = "{}" if status in _METADATA_REQUIRED_VALUES else "null"
+    return f'{{"message_type":"V0JobStatusUpdate","uuid":"{uuid}","status":"{status}","metadata":{metadata}}}'
+
+
+_METADATA_REQUIRED_VALUES: Final = frozenset(status.value for status in _METADATA_REQUIRED)
+_STATUS_FRAME_FIXED: Final[dict[str, int]] = {
+    status.value: len(status_frame("", status.value)) for status in JobStatus
+}
+
+
+def status_frame_length(uuid: str, status: str) -> int:
+    """``len(status_frame(uuid, status))`` without building it (the frame is ASCII: chars = bytes)."""
+    return len(uuid) + _STATUS_FRAME_FIXED[status]
+
+
 class EncodedStatusUpdate:
-    """A status update without metadata, checked and encoded once, without a pydantic model.
+    """A status update without metadata, checked once, without a pydantic model.
 
     The common case of ``report(status)`` (no metadata): the hot path builds no model for it, and
-    its frame is byte-for-byte what `encode` writes for the equal JobStatusUpdate. Build it with
-    `encoded_status_update`, which checks what JobStatusUpdate's validators check.
+    its frame (`status_frame`, built on demand) is byte-for-byte what `encode` writes for the equal
+    JobStatusUpdate. Build it with `encoded_status_update`, which checks what JobStatusUpdate's
+    validators check.
     """
 
-    __slots__ = ("frame", "status", "uuid")
+    __slots__ = ("status", "uuid")
     message_type: Final = "V0JobStatusUpdate"
 
-    def __init__(self, uuid: str, status: JobStatus, frame: str) -> None:
+    def __init__(self, uuid: str, status: JobStatus) -> None:
         self.uuid = uuid
         self.status = status
-        self.frame = frame
+
+    @property
+    def frame(self) -> str:
+        return status_frame(self.uuid, self.status.value)
 
     @property
     def metadata(self) -> JobStatusMetadata | None:
@@ -432,13 +461,13 @@ class EncodedStatusUpdate:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, EncodedStatusUpdate):
-            return self.frame == other.frame
+            return self.uuid == other.uuid and self.status is other.status
         if isinstance(other, JobStatusUpdate):
             return self.to_model() == other
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self.frame)
+        return hash((self.uuid, self.status))
 
     def __repr__(self) -> str:
         return f"EncodedStatusUpdate(uuid={self.uuid!r}, status={self.status.value!r})"
@@ -450,10 +479,7 @@ def encoded_status_update(uuid: object, status: object) -> EncodedStatusUpdate |
     member = _STATUS_OF.get(status) if isinstance(status, str) else None
     if member is None or type(uuid) is not str or _UUID_RE.fullmatch(uuid) is None:
         return None
-    # The uuid is ASCII hex and dashes and the status an enum value: nothing in either needs escaping.
-    metadata = "{}" if member in _METADATA_REQUIRED else "null"
-    frame = f'{{"message_type":"V0JobStatusUpdate","uuid":"{uuid}","status":"{member.value}","metadata":{metadata}}}'
-    return EncodedStatusUpdate(uuid, member, frame)
+    return EncodedStatusUpdate(uuid, member)
 
 
 OutboundMessage: TypeAlias = (

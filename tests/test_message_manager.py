@@ -19,11 +19,12 @@ import orjson
 import pytest
 from reactivex.subject import BehaviorSubject, Subject
 
-from operators import Dropped
+from operators import Dropped, HoldPolicy
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
 from streams.exceptions import TransportClosed, UsageError
+from streams.job_status_update_manager import build_update
 from streams.message_manager import (
     AckOutcome,
     Depth,
@@ -41,6 +42,7 @@ from streams.protocol import (
     V0AuthenticationRequest,
     V0Heartbeat,
     V0MachineSpecsUpdate,
+    encode,
 )
 from streams.transport import CloseInfo
 from tests.helpers import wait_until
@@ -274,6 +276,27 @@ def test_envelope_of_encodes_once_and_refuses_what_the_outbox_does_not_carry() -
     auth = V0AuthenticationRequest(public_key="00", signature="0x00")
     with pytest.raises(ValueError, match="V0AuthenticationRequest is not sent through the outbox"):
         envelope_of(auth, 0.0)
+
+
+@pytest.mark.parametrize("job_status", list(JobStatus))
+def test_a_status_update_without_metadata_is_held_without_its_frame_and_written_exactly(
+    job_status: JobStatus,
+) -> None:
+    job = "2dcdf287-e485-408f-b2d2-ad0d3c8f9237"
+    update = build_update(job, job_status)
+    envelope = envelope_of(update, 0.0)
+    expected = encode(JobStatusUpdate(uuid=job, status=job_status))
+    assert envelope.frame == expected, "built on demand, byte for byte the model's frame"
+    assert envelope.size == len(expected), "the byte bound counts the frame it will write"
+    from_model = envelope_of(JobStatusUpdate(uuid=job, status=job_status), 0.0)  # encoded at enqueue, kept
+    assert (from_model.frame, from_model.size) == (expected, len(expected))
+
+
+def test_only_a_status_update_can_be_built_without_a_frame() -> None:
+    with pytest.raises(ValueError, match="only a status update with its job_uuid and status"):
+        Envelope("V0MachineSpecsUpdate", None, HoldPolicy.KEEP_BOUNDED, 0.0)
+    with pytest.raises(ValueError, match="only a status update with its job_uuid and status"):
+        Envelope("V0JobStatusUpdate", None, HoldPolicy.KEEP_ALL, 0.0, "x", None)
 
 
 # -- the send-failure path, per message kind --------------------------------------------------------------
