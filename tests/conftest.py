@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -11,6 +12,15 @@ from bittensor_wallet import Keypair
 from streams.devtools.simulator import FacilitatorSimulator
 
 AuthFrame = Callable[..., str]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background by a non-interactive shell (``make test &``) inherits SIGINT
+    *ignored*, and every CLI child the Ctrl-C tests start would inherit that too (the CLI keeps an
+    inherited "ignore", as ``nohup`` wants): they would wait for an exit that never comes. Restore
+    Python's default so those tests test the Ctrl-C a user's terminal sends."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
