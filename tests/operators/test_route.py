@@ -361,16 +361,37 @@ def test_connect_after_dispose_subscribes_the_source_again() -> None:
     assert not source.observers
 
 
-def test_after_the_source_ended_a_new_connection_delivers_nothing() -> None:
-    err = ConnectionError("socket closed")
-    runs = [throw(err), of(FRAMES["p"])]  # the first connection fails, the second would complete
+END_ERROR = ConnectionError("socket closed")
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "ending"),
+    [
+        (throw(END_ERROR), of(FRAMES["p"]), ("error", END_ERROR)),
+        (of(FRAMES["p"]), of(FRAMES["r"]).pipe(ops.concat(throw(END_ERROR))), "completed"),
+    ],
+)
+def test_after_the_source_ended_a_new_connection_delivers_nothing_and_decodes_nothing(
+    first: Observable[str], then: Observable[str], ending: Any
+) -> None:
+    runs = [first, then]
+    decoded: list[str | bytes] = []
+
+    def counting_decode(frame: str | bytes) -> Message:
+        decoded.append(frame)
+        return decode(frame)
+
     source: Observable[str | bytes] = defer(lambda _: runs.pop(0))
-    routed = route(source, ["a"])
+    routed = route_frames(source, counting_decode, key_of, ["a"], malformed="malformed")
     got: list[Any] = []
-    routed["a"].subscribe(got.append, lambda e: got.append(("error", e)), lambda: got.append("completed"))
+    routed["a"].subscribe(summary, lambda e: got.append(("error", e)), lambda: got.append("completed"))
     routed.connect().dispose()
+    calls = list(decoded)
     routed.connect()
-    assert got == [("error", err)]
+    assert decoded == calls  # the second connection's frames are not even decoded
+    assert got == [ending]
     late: list[Any] = []
-    routed.messages["a"].subscribe(on_error=late.append, on_completed=lambda: late.append("completed"))
-    assert late == [err]  # the first ending is the one kept
+    routed.messages["a"].subscribe(
+        on_error=lambda e: late.append(("error", e)), on_completed=lambda: late.append("completed")
+    )
+    assert late == [ending]  # the first ending is the one kept
