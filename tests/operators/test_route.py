@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any
 
 import pytest
@@ -318,6 +320,35 @@ def test_a_subscriber_disposed_by_another_during_an_emission_gets_nothing_more()
     source.on_next(FRAMES["p"])
     source.on_next(FRAMES["p"])
     assert got == ["first", "first"]  # skipped at once, the current item included (its observer is detached)
+
+
+def test_a_disposed_subscription_is_released_by_its_branch() -> None:
+    class Sink:
+        def __init__(self) -> None:
+            self.items: list[Any] = []
+
+        def on_next(self, item: Any) -> None:
+            self.items.append(item)
+
+        def on_error(self, error: Exception) -> None:
+            raise error
+
+        def on_completed(self) -> None:
+            pass
+
+    source: Subject[str | bytes] = Subject()
+    routed = route(source, ["a"])
+    routed.connect()
+    sinks = [Sink(), Sink()]
+    subscriptions = [routed.messages["a"].subscribe(sinks[0]), routed["a"].subscribe(sinks[1])]
+    source.on_next(FRAMES["p"])
+    assert len(sinks[0].items) == len(sinks[1].items) == 1
+    refs = [weakref.ref(sinks[0]), weakref.ref(sinks[1])]
+    subscriptions[0].dispose()
+    subscriptions[1].dispose()
+    del sinks, subscriptions
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]  # nothing of the subscribers kept: no leak per subscribe
 
 
 def test_one_upstream_subscription_and_disposal_unsubscribes_it() -> None:
