@@ -23,7 +23,9 @@ on_error = ReactiveTest.on_error
 subscribe = ReactiveTest.subscribe
 
 Message = dict[str, Any]
-FRAMES = {"p": '{"t": "a", "n": 1}', "q": '{"t": "b", "n": 2}', "r": b'{"t": "a", "n": 3}', "x": "{not json"}
+FRAMES: dict[str, str | bytes] = {
+    "p": '{"t": "a", "n": 1}', "q": '{"t": "b", "n": 2}', "r": b'{"t": "a", "n": 3}', "x": "{not json"
+}
 
 
 def decode(frame: str | bytes) -> Message:
