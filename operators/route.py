@@ -1,11 +1,12 @@
 """Decode each frame and route it to a keyed branch in one step: a fused decode + partition + map.
 
-Why: every Response on the hot path used to cross ``decode_frames`` (a map), ``partition_by`` (a
-subject), the branch's ``as_observable`` and a map to the message: about five observer layers of
-~1 µs each per frame. ``route_frames`` decodes, keys and dispatches each frame in one call (a dict
-lookup on the key) and hands each subscriber what it asked for directly: the ``Decoded`` item
-(``routed[key]``, for whoever needs the frame, e.g. the monitor) or just the message
-(``routed.messages[key]``, e.g. the ack tracker), with no operator in between.
+Why: every Response on the hot path (one per status update) used to cross ``decode_frames`` (a
+map), ``partition_by`` (a subject), the branch's ``as_observable`` and a map to the message: five
+AutoDetachObserver layers, two maps and a subject between the frame subject and ``match_acks``.
+``route_frames`` decodes, keys and dispatches each frame in one call (a dict lookup on the key) and
+hands each subscriber what it asked for directly: the ``Decoded`` item (``routed[key]``, for whoever
+needs the frame, e.g. the monitor) or just the message (``routed.messages[key]``, e.g. the ack
+tracker): two layers, the router's subscription and the subscriber's own.
 
 Marble diagram (``p r`` decode to messages keyed ``"a"``, ``q`` to one keyed ``"b"``, ``x`` fails
 to decode; ``P`` = ``Decoded(decode(p), p)``, ``X`` = ``Malformed(x, error)``, ``1 2`` = ``decode(p)``,
@@ -21,8 +22,9 @@ Like ``partition_by``: every branch exists up front, the source is subscribed on
 ``connect()``, and branches are hot (wire them before ``connect()``). Completion and errors of the
 source reach every branch. Unlike it, nothing a frame does ends the stream: a frame whose
 ``decode`` or ``key_of`` raises, or whose key is no branch's (and there is no ``default``), becomes
-``Malformed(frame, error)`` on the ``malformed`` branch. Branches skip reactivex's per-item lock:
-drive the router from one thread at a time (the event loop's). Nothing is scheduled.
+``Malformed(frame, error)`` on the ``malformed`` branch. Branches take no lock per item (unlike
+reactivex's Subject): drive the router from one thread at a time (the event loop's). Nothing is
+scheduled; ``connect(scheduler)`` passes its scheduler on to the source.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ Frame = str | bytes
 class _Branch(Generic[M]):
     """The subscribers of one key, in subscription order, each wanting the ``Decoded`` item or the message.
 
-    The subscriber tuple is replaced, never mutated, so an emission iterates it without copying and
-    a subscriber added or removed during one takes effect from the next item (as with a Subject).
+    The subscriber tuple is replaced, never mutated, so an emission iterates it without copying, and
+    a subscriber added during one gets the next item (as with a Subject; one disposed during it is
+    skipped at once, by its AutoDetachObserver).
     """
 
     __slots__ = ("_error", "_observers", "_stopped")
