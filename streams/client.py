@@ -14,14 +14,14 @@ import enum
 import functools
 import logging
 from types import TracebackType
-from typing import Any
+from typing import cast
 
 import reactivex
 from reactivex import operators as ops
 from reactivex.scheduler.eventloop import AsyncIOScheduler
 from reactivex.subject import Subject
 
-from operators import Decoded, Malformed, decode_frames, partition_by
+from operators import Routed, route_frames
 from streams.cheat_handler import CheatHandler, CheatReportHandler
 from streams.config import ClientConfig
 from streams.connection_manager import ConnectionManager
@@ -40,8 +40,11 @@ from streams.protocol import (
     InboundMessage,
     JobStatus,
     JobStatusUpdate,
+    Response,
     Signer,
+    V0JobCheated,
     V0MachineSpecsUpdate,
+    V2JobRequest,
     decode,
     message_kind,
 )
@@ -49,22 +52,24 @@ from streams.signatures import SignatureVerifier
 from streams.spec_update_manager import SpecSource, SpecUpdateManager
 from streams.transport import Transport, WebSocketTransport
 
-__all__ = ["INBOUND_ROUTES", "FacilitatorClient", "inbound_route"]
+__all__ = ["INBOUND_ROUTES", "FacilitatorClient", "route_inbound"]
 
 log = logging.getLogger(__name__)
 
 JOURNAL_EXIT_BUDGET = 0.3
 """With a journal, an exit does not drain (pending updates stay journaled): the close gets at most this long."""
 
-Inbound = Decoded[InboundMessage] | Malformed
-
 INBOUND_ROUTES = ("Response", "V2JobRequest", "V0JobCheated", "malformed")
-"""The branches inbound frames are partitioned into (replay's analysis uses the same routes)."""
+"""The branches inbound frames are routed to (replay's analysis uses the same routes)."""
 
 
-def inbound_route(item: Inbound) -> str:
-    """The branch of a decoded inbound frame: its message kind, or ``malformed``."""
-    return "malformed" if isinstance(item, Malformed) else message_kind(item.message)
+def route_inbound(frames: reactivex.Observable[str | bytes], max_bytes: int) -> Routed[str, InboundMessage]:
+    """Decode inbound frames and route them by message kind in one step per frame (the hot path of
+    every acknowledgement); a frame that does not decode goes to ``malformed``. ``connect()`` it
+    once the branches are wired."""
+    return route_frames(
+        frames, functools.partial(decode, max_bytes=max_bytes), message_kind, INBOUND_ROUTES, malformed="malformed"
+    )
 
 
 class _Phase(enum.Enum):
@@ -282,14 +287,11 @@ class FacilitatorClient:
     # -- wiring ---------------------------------------------------------------------------------
     async def _start_components(self, stack: contextlib.AsyncExitStack) -> None:
         scheduler = AsyncIOScheduler(asyncio.get_running_loop())
-        max_bytes = self._config.max_frame_bytes
-        inbound = partition_by(
-            self._connection.frames.pipe(decode_frames(functools.partial(decode, max_bytes=max_bytes))),
-            inbound_route,
-            INBOUND_ROUTES,
-        )
-        responses = inbound["Response"].pipe(ops.map(_message))
-        cheat_reports = inbound["V0JobCheated"].pipe(ops.map(_message))
+        inbound = route_inbound(self._connection.frames, self._config.max_frame_bytes)
+        # Each branch holds exactly its kind (routed by message_kind), so these narrowings hold.
+        responses = cast(reactivex.Observable[Response], inbound.messages["Response"])
+        cheat_reports = cast(reactivex.Observable[V0JobCheated], inbound.messages["V0JobCheated"])
+        job_requests = cast(reactivex.Observable[V2JobRequest], inbound.messages["V2JobRequest"])
         journal = self._journal
         messages = self._messages = MessageManager(self._config, self._connection, responses, journal=journal)
         if journal is not None:  # what a previous run left unanswered goes out first, in order
@@ -317,7 +319,7 @@ class FacilitatorClient:
         for component in components:
             stack.push_async_callback(component.stop)
             await component.start()
-        inbound["V2JobRequest"].pipe(ops.map(_message)).subscribe(self._jobs.submit)
+        job_requests.subscribe(self._jobs.submit)
         cheat_reports.subscribe(self._cheats.submit)
         inbound.connect()
         stack.push_async_callback(self._stop_connection)
@@ -472,10 +474,6 @@ class _JournalComponent:
             log.warning("journal %s: the last writes did not finish within the exit budget", journal.path)
         if kept:
             log.info("journal %s: %d pending updates kept for the next start", journal.path, kept)
-
-
-def _message(item: Any) -> Any:
-    return item.message
 
 
 def _ss58(public_key: bytes | None) -> str | None:

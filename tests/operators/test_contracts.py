@@ -28,6 +28,7 @@ from operators import (
     match_acks,
     partition_by,
     retry_with_backoff,
+    route_frames,
 )
 
 on_next = ReactiveTest.on_next
@@ -326,3 +327,58 @@ def test_after_a_failure_key_of_is_not_called_for_the_items_a_synchronous_source
     parts.connect()
     assert items == ["a"] and len(errors) == 2
     assert seen == ["a", "Z"]  # "b" arrived after the branches had failed: ignored, not even keyed
+
+
+# --------------------------------------------------------------------------- route_frames
+
+
+def test_route_frames_has_the_keys_then_default_then_malformed_each_once() -> None:
+    def route(keys: list[str], **kwargs: Any) -> list[str]:
+        return list(route_frames(Subject[str](), str.upper, str.lower, keys, **kwargs).branches)
+
+    assert route(["a", "b", "a"], malformed="bad") == ["a", "b", "bad"]
+    assert route(["a"], malformed="bad", default="other") == ["a", "other", "bad"]
+    assert route(["bad", "a"], malformed="bad", default="a") == ["bad", "a"]  # already keys: not added
+    routed = route_frames(Subject[str](), str.upper, str.lower, ["a"], malformed="bad")
+    assert list(routed.messages) == ["a", "bad"]
+    with pytest.raises(KeyError, match="'other'"):
+        routed["other"]
+
+
+def test_route_frames_unrouted_error_says_which_key_and_which_keys() -> None:
+    source: Subject[str] = Subject()
+    routed = route_frames(source, str.upper, str.lower, ["a", "b"], malformed="bad")
+    items: list[Any] = []
+    routed["bad"].subscribe(items.append)
+    routed.connect()
+    source.on_next("Z")
+    assert len(items) == 1 and items[0].frame == "Z"
+    assert str(items[0].error) == (
+        "route_frames: key 'z' is not one of ['a', 'b', 'bad'] and there is no default branch"
+    )
+
+
+def test_route_frames_completes_only_when_the_source_does() -> None:
+    source: Subject[str] = Subject()
+    routed = route_frames(source, str.upper, str.lower, ["a"], malformed="bad")
+    completed: list[str] = []
+    routed["a"].subscribe(on_completed=lambda: completed.append("a"))
+    routed.messages["bad"].subscribe(on_completed=lambda: completed.append("bad messages"))
+    routed.connect()
+    source.on_next("garbage")  # malformed: no ending
+    source.on_next("A")
+    assert completed == []
+    source.on_completed()
+    assert completed == ["a", "bad messages"]
+
+
+def test_route_frames_connect_passes_its_scheduler_to_the_source() -> None:
+    scheduler = TestScheduler()
+    routed = route_frames(at(10.0, "A").pipe(ops.concat(at(5.0, "B"))), str.upper, str.lower, ["a", "b"],
+                          malformed="bad")
+    got: list[tuple[float, str]] = []
+    routed.messages["a"].subscribe(lambda m: got.append((scheduler.clock, m)))
+    routed.messages["b"].subscribe(lambda m: got.append((scheduler.clock, m)))
+    routed.connect(scheduler)
+    scheduler.advance_to(100.0)
+    assert got == [(10.0, "A"), (15.0, "B")]

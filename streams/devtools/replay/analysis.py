@@ -24,19 +24,18 @@ from operators import (
     Malformed,
     Unacked,
     UnexpectedResponse,
-    decode_frames,
     hold_while_disconnected,
     match_acks,
     partition_by,
 )
-from streams.client import INBOUND_ROUTES, inbound_route
+from streams.client import INBOUND_ROUTES, route_inbound
 from streams.devtools.replay.pairing import AUTH_KIND, expects_response, match_responses
 from streams.devtools.replay.playback import replay
 from streams.devtools.replay.summary import ConnectionSummary, Outage, connection_summaries
 from streams.protocol import (
+    MAX_FRAME_BYTES,
     InboundMessage,
     Response,
-    decode,
     message_kind,
 )
 from streams.recording.format import ConnectionEvent, Frame, Record, Recording
@@ -112,8 +111,8 @@ Inbound = Decoded[InboundMessage] | Malformed
 def analyze(recording: Recording, *, bin_seconds: float = 1.0) -> Analysis:
     """Replay ``recording`` in virtual time through the client's own operators and measure it.
 
-    ``partition_by`` splits the records by direction and the decoded inbound frames by type
-    (``decode_frames``); ``match_acks`` pairs Responses with the frames expecting one, per
+    ``partition_by`` splits the records by direction, ``route_inbound`` (the client's) decodes the
+    inbound frames and routes them by type; ``match_acks`` pairs Responses with the frames expecting one, per
     connection; frames left unanswered by a disconnect are fed, as the client requeues them,
     through ``hold_while_disconnected`` gated by the recorded "connected and authenticated"
     state, which gives the outbox depth over time and when they were released for resending.
@@ -156,11 +155,8 @@ def analyze(recording: Recording, *, bin_seconds: float = 1.0) -> Analysis:
     outbox: Subject[_Sent] = Subject()
 
     top = partition_by(replay(recording, scheduler), _top_key, ["in", "out", "event", "other"])
-    inbound = top["in"].pipe(
-        ops.map(lambda record: record.frame if isinstance(record, Frame) else b""),
-        decode_frames(decode),
-    )
-    routes = partition_by(inbound, inbound_route, INBOUND_ROUTES)
+    inbound = top["in"].pipe(ops.map(lambda record: record.frame if isinstance(record, Frame) else b""))
+    routes = route_inbound(inbound, MAX_FRAME_BYTES)
 
     def on_out(record: Record) -> None:
         nonlocal in_flight_count, conn, authenticated
@@ -263,7 +259,7 @@ def analyze(recording: Recording, *, bin_seconds: float = 1.0) -> Analysis:
         routes["malformed"].subscribe(on_malformed),
         *(
             routes[kind].subscribe(_counter("in", kind, count))
-            for kind in ("Response", "V2JobRequest", "V0JobCheated", "malformed")
+            for kind in INBOUND_ROUTES
         ),
     )
     subscriptions.add(routes.connect())
