@@ -303,7 +303,8 @@ class FacilitatorClient:
         self._monitor.watch(
             connection=self._connection,
             messages=messages,
-            inbound=inbound.branches.values(),
+            received={kind: branch for kind, branch in inbound.messages.items() if kind != "malformed"},
+            malformed=inbound["malformed"],
             jobs=self._jobs,
             cheats=self._cheats,
             cheat_reports=cheat_reports,

@@ -29,9 +29,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any, NoReturn
 
 import reactivex
 
@@ -168,6 +169,10 @@ class AuthenticationFailed(Exception):
         self.response = response
 
 
+
+async def _raise(error: Exception) -> NoReturn:
+    raise error
+
 class ConnectionManager:
     """Owns one Transport; ``run()`` keeps it connected and authenticated until ``stop()``."""
 
@@ -230,11 +235,15 @@ class ConnectionManager:
         return self._connection_id
 
     # -- sending -----------------------------------------------------------------------------
-    async def send(self, frame: str) -> None:
-        """Send on the authenticated connection; raises TransportClosed when there is none."""
+    def send(self, frame: str) -> Coroutine[Any, Any, None]:
+        """Send on the authenticated connection (await the result); TransportClosed when there is none.
+
+        Returns the transport's own ``send`` coroutine rather than wrapping it in another one: this
+        runs once per frame.
+        """
         if self._state.value is not ConnectionState.CONNECTED:
-            raise TransportClosed(CloseInfo(None, "not connected", None))
-        await self._transport.send(frame)
+            return _raise(TransportClosed(CloseInfo(None, "not connected", None)))
+        return self._transport.send(frame)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -474,7 +474,8 @@ class MessageManager:
             if envelope.seq and not envelope.expects_ack and self._journal is not None:
                 self._journal.answered(envelope.seq)  # a spec update is never answered: done once written
             self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
-            self._update_gate()
+            if not self._gate.value:  # a send only shrinks the wire queue: only a closed gate can change
+                self._update_gate()
             self._publish_depth_soon()
 
     async def drain(self, timeout: float) -> bool:
@@ -533,9 +534,12 @@ class MessageManager:
         self._wake.set()
 
     def _to_wire(self, envelope: Envelope) -> None:
-        self._wire.append(envelope)
-        self._update_gate()
-        self._publish_depth()
+        wire = self._wire
+        wire.append(envelope)
+        # Only a full wire queue can change the gate here (it is open, or this was not called).
+        if len(wire) >= self._config.wire_queue_size or not self._gate.value:
+            self._update_gate()
+        self._publish_depth_soon()
         self._wake.set()
 
     def _update_gate(self) -> None:

@@ -7,8 +7,9 @@ DISCONNECTED event that says why: close code and reason, exception, lifetime, wh
 
 from __future__ import annotations
 
+import functools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 import reactivex
 from reactivex.disposable import CompositeDisposable
@@ -40,7 +41,7 @@ from streams.message_manager import (
     Sent,
 )
 from streams.metrics import Metrics
-from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest, excerpt, message_kind
+from streams.protocol import InboundMessage, Response, V0JobCheated, V2JobRequest, excerpt
 from streams.safe_subject import SafeSubject
 from streams.transport import CloseInfo
 
@@ -150,7 +151,8 @@ class PerformanceMonitor:
         *,
         connection: ConnectionManager,
         messages: MessageManager,
-        inbound: Iterable[reactivex.Observable[Decoded[InboundMessage] | Malformed]],
+        received: Mapping[str, reactivex.Observable[InboundMessage]],
+        malformed: reactivex.Observable[Decoded[InboundMessage] | Malformed],
         jobs: JobDispatcher,
         cheats: CheatReportHandler,
         cheat_reports: reactivex.Observable[V0JobCheated],
@@ -168,8 +170,10 @@ class PerformanceMonitor:
         add(messages.send_failures.subscribe(lambda e: self.metrics.incr(f"messages.send_failed.{e.kind}")))
         add(messages.unexpected_responses.subscribe(self._on_unexpected))
         add(messages.depth.subscribe(self._on_depth))
-        for branch in inbound:  # each branch of the partition (no merge lock per frame)
-            add(branch.subscribe(self._on_inbound))
+        # Counted per route: each subscription knows its kind, so a frame costs one counter call.
+        for kind, branch in received.items():
+            add(branch.subscribe(functools.partial(self._on_received, f"messages.received.{kind}")))
+        add(malformed.subscribe(self._on_malformed))
         add(jobs.dispatched.subscribe(self._on_dispatched))
         add(jobs.finished.subscribe(self._on_job_finished))
         add(jobs.duplicates.subscribe(lambda job: self.metrics.incr("jobs.duplicates")))
@@ -363,17 +367,19 @@ class PerformanceMonitor:
         self.metrics.gauge("inflight.depth", depth.in_flight)
 
     # -- inbound --------------------------------------------------------------------------------
-    def _on_inbound(self, item: Decoded[InboundMessage] | Malformed) -> None:
-        if isinstance(item, Malformed):
-            self.metrics.incr("messages.malformed")
-            reason = item.error.reason if isinstance(item.error, DecodeError) else str(item.error)
-            self.emit(
-                EventType.MALFORMED_MESSAGE, type(item.error).__name__,
-                f"malformed frame from the facilitator: {reason}",
-                excerpt=excerpt(item.frame), error=reason[:500],
-            )
+    def _on_received(self, name: str, _message: InboundMessage) -> None:
+        self.metrics.incr(name)
+
+    def _on_malformed(self, item: Decoded[InboundMessage] | Malformed) -> None:
+        if not isinstance(item, Malformed):  # the malformed route carries nothing else
             return
-        self.metrics.incr(f"messages.received.{message_kind(item.message)}")
+        self.metrics.incr("messages.malformed")
+        reason = item.error.reason if isinstance(item.error, DecodeError) else str(item.error)
+        self.emit(
+            EventType.MALFORMED_MESSAGE, type(item.error).__name__,
+            f"malformed frame from the facilitator: {reason}",
+            excerpt=excerpt(item.frame), error=reason[:500],
+        )
 
     def _on_dispatched(self, job: V2JobRequest) -> None:
         self.metrics.incr("jobs.dispatched")
