@@ -98,6 +98,7 @@ def _drop_data(envelope: Envelope, reason: str) -> dict[str, object]:
 class PerformanceMonitor:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._tally = metrics.tally()  # the per-message counts and timings (sent, acknowledged, received)
         self._events: SafeSubject[SystemEvent] = SafeSubject(on_subscriber_error=self.subscriber_failed("events"))
         self._subscriptions = CompositeDisposable()
         self._depth = Depth(0, 0, 0, 0)
@@ -260,11 +261,12 @@ class PerformanceMonitor:
     # -- outbound -------------------------------------------------------------------------------
     def _on_sent(self, sent: Sent) -> None:
         envelope = sent.envelope
-        self.metrics.incr(f"messages.sent.{envelope.kind}")
+        tally = self._tally
+        tally.incr(f"messages.sent.{envelope.kind}")
         if sent.resend:
-            self.metrics.incr(f"messages.resent.{envelope.kind}")
+            tally.incr(f"messages.resent.{envelope.kind}")
         else:
-            self.metrics.timing("latency.enqueue_to_wire", sent.at - envelope.enqueued_at)
+            tally.timing("latency.enqueue_to_wire", sent.at - envelope.enqueued_at)
 
     def _on_dropped(self, dropped: Dropped[Envelope]) -> None:
         envelope = dropped.item
@@ -336,7 +338,7 @@ class PerformanceMonitor:
 
     def _on_ack(self, ack: AckOutcome) -> None:
         m = self.metrics
-        m.timing("latency.ack", ack.latency)
+        self._tally.timing("latency.ack", ack.latency)
         if ack.outcome == "error":
             for error_type in ack.response.error_types or ("unknown",):
                 m.incr(f"acks.error.{error_type}")
@@ -347,7 +349,7 @@ class PerformanceMonitor:
                 errors=[e.model_dump() for e in ack.response.errors],
             )
         else:
-            m.incr(f"acks.{ack.outcome}")
+            self._tally.incr(f"acks.{ack.outcome}")
 
     def _on_requeued(self, requeued: Requeued) -> None:
         self.metrics.incr("messages.requeued", len(requeued.envelopes))
@@ -368,7 +370,7 @@ class PerformanceMonitor:
 
     # -- inbound --------------------------------------------------------------------------------
     def _on_received(self, name: str, _message: InboundMessage) -> None:
-        self.metrics.incr(name)
+        self._tally.incr(name)
 
     def _on_malformed(self, item: Decoded[InboundMessage] | Malformed) -> None:
         if not isinstance(item, Malformed):  # the malformed route carries nothing else

@@ -858,3 +858,48 @@ async def test_statsd_lines_are_batched_per_loop_iteration() -> None:
         metrics.close()
     finally:
         listener.close()
+
+
+class _RecordingSink:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []
+
+    def incr(self, name: str, count: float) -> None:
+        self.calls.append(("incr", name, count))
+
+    def gauge(self, name: str, value: float) -> None:
+        self.calls.append(("gauge", name, value))
+
+    def timing(self, name: str, seconds: float) -> None:
+        self.calls.append(("timing", name, seconds))
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_tally_hands_counts_over_once_per_loop_iteration_and_reads_are_exact() -> None:
+    sink = _RecordingSink()
+    metrics = Metrics(sinks=[sink])
+    tally = metrics.tally()
+    for _ in range(3):
+        tally.incr("messages.sent.V0JobStatusUpdate")
+    tally.timing("latency.ack", 0.5)
+    tally.timing("latency.ack", 0.25)
+    assert sink.calls == [], "nothing per message: handed over once per loop iteration"
+    assert metrics.counter("messages.sent.V0JobStatusUpdate") == 3, "a read hands the tally over first"
+    assert metrics.samples("latency.ack") == [0.5, 0.25]
+    assert sink.calls == [
+        ("incr", "messages.sent.V0JobStatusUpdate", 3), ("timing", "latency.ack", 0.5), ("timing", "latency.ack", 0.25),
+    ]
+    tally.incr("acks.success")
+    await wait_until(lambda: sink.calls[-1] == ("incr", "acks.success", 1), 5, "the hand-over the tally scheduled")
+    assert metrics.snapshot()["counters"]["acks.success"] == 1
+    assert metrics.snapshot()["timings"]["latency.ack"]["count"] == 2
+
+
+def test_a_tally_used_outside_an_event_loop_hands_over_at_once() -> None:
+    metrics = Metrics()
+    tally = metrics.tally()
+    tally.incr("x")
+    tally.timing("t", 1.0)
+    assert metrics._counters == {"x": 1} and list(metrics._timings["t"]) == [1.0]
