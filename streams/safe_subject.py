@@ -45,7 +45,11 @@ class LoopSubject(Subject[T]):
         if self.is_disposed:
             self.check_disposed()  # raises DisposedException, as Subject.on_next does
         if not self.is_stopped:
-            for observer in self.observers.copy():
+            observers = self.observers
+            if len(observers) == 1:  # the usual case: no snapshot needed for one observer
+                observers[0].on_next(value)
+                return
+            for observer in observers.copy():
                 observer.on_next(value)
 
 
