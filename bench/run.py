@@ -24,6 +24,7 @@ from bench.common import ROOT, median
 from bench.idle import Idle, idle_run
 from bench.journal import journal_compare
 from bench.latency import Latency, latency_run
+from bench.overhead import overhead_run
 from bench.recovery import Recovery, recovery_run
 from bench.shutdown import Shutdown, shutdown_run
 from bench.throughput import Run, client_run, compare
@@ -102,6 +103,7 @@ def table(
     journal: tuple[list[Run], list[Run]],
     journal_shutdowns: list[Shutdown],
     when: str,
+    overhead: list[float],
 ) -> str:
     base_rate = median([r.rate for r in baselines])
     client_rate = median([r.rate for r in clients])
@@ -134,6 +136,9 @@ def table(
         f"| 1c | vs the old design: fire-and-forget, a task per job, no acks "
         f"| old design {old_rate:,.0f} msgs/s: client at **{old_ratio:.2f}×** of it "
         f"| ≥ {TARGET_OLD_DESIGN}× | {_ok(old_ratio >= TARGET_OLD_DESIGN)} |",
+        f"| 1d | The client's own CPU per status update, no sockets (`python -m bench.overhead`: an in-process "
+        f"transport that answers every update) | **{median(overhead):.1f} µs** (median of {len(overhead)}) "
+        f"| report | — |",
         f"| 2 | Memory: {sizes.memory:,} status updates held while disconnected "
         f"| **{traced:.0f} B/msg** (tracemalloc), **{rss:.0f} B/msg** (RSS); the frame text itself is "
         f"{frame:.0f} B | ≤ {TARGET_BYTES} B/msg | {_ok(max(traced, rss) <= TARGET_BYTES)} |",
@@ -223,6 +228,8 @@ async def main(args: argparse.Namespace) -> int:
 
     say(f"throughput: {args.rounds} × (baseline, client, old design), {sizes.throughput:,} updates each")
     baselines, clients, old_design = await compare(sizes.throughput, args.rounds)
+    say(f"overhead: {args.rounds} × the client against an answering in-process transport")
+    overhead = [await overhead_run(sizes.throughput) for _ in range(args.rounds)]
     say("memory: tracemalloc and RSS, a fresh process each")
     memory = {mode: await memory_run(mode, sizes.memory) for mode in ("tracemalloc", "rss")}
     say(f"recovery: {sizes.recovery:,}-update backlog")
@@ -243,7 +250,7 @@ async def main(args: argparse.Namespace) -> int:
         await profile_throughput(sizes.throughput, args.profile)
     print(table(
         sizes, baselines, clients, old_design, memory, recovery, latencies, idle, shutdowns, journal,
-        journal_shutdowns, when,
+        journal_shutdowns, when, overhead,
     ))
     if args.json is not None:
         raw: dict[str, Any] = {
@@ -253,6 +260,7 @@ async def main(args: argparse.Namespace) -> int:
                 "client": [asdict(r) for r in clients],
                 "fire_and_forget": [asdict(r) for r in old_design],
             },
+            "overhead_us_per_update": overhead,
             "memory": memory, "recovery": asdict(recovery), "latency": [asdict(lat) for lat in latencies],
             "idle": asdict(idle),
             "shutdown": [asdict(s) for s in shutdowns],
