@@ -287,7 +287,6 @@ class MessageManager:
         self._subscriptions = CompositeDisposable()
         self._started = False
         self._task: asyncio.Task[None] | None = None
-        self._quiet_depth = False
         self._depth_soon = False
 
         self._sent: Subject[Sent] = LoopSubject()
@@ -536,8 +535,7 @@ class MessageManager:
     def _to_wire(self, envelope: Envelope) -> None:
         wire = self._wire
         wire.append(envelope)
-        # Only a full wire queue can change the gate here (it is open, or this was not called).
-        if len(wire) >= self._config.wire_queue_size or not self._gate.value:
+        if len(wire) >= self._config.wire_queue_size:  # the gate is open (the outbox emits only then)
             self._update_gate()
         self._publish_depth_soon()
         self._wake.set()
@@ -550,13 +548,9 @@ class MessageManager:
         limit = size if self._gate.value else max(1, size // 2)
         is_open = self._connection.is_connected and len(self._wire) < limit
         if is_open != self._gate.value:
-            # A release calls _to_wire (and the hold operator's on_depth) once per frame: publish
-            # the depth once, after the whole synchronous batch.
-            quiet, self._quiet_depth = self._quiet_depth, True
-            try:
-                self._gate.on_next(is_open)
-            finally:
-                self._quiet_depth = quiet
+            # A release moves frames to the wire queue one by one (each publishing its depth "soon",
+            # i.e. once per loop iteration): publish the depth once, after the whole synchronous batch.
+            self._gate.on_next(is_open)
             self._publish_depth()
 
     def _on_connected(self, connected: bool) -> None:
@@ -620,8 +614,6 @@ class MessageManager:
         self._publish_depth_soon()
 
     def _publish_depth(self) -> None:
-        if self._quiet_depth:
-            return
         depth = Depth(self._held, self._held_bytes, len(self._wire), self._in_flight)
         if depth != self._depth.value:
             self._depth.on_next(depth)

@@ -25,10 +25,12 @@ from streams.connection_manager import ConnectionManager
 from streams.events import ConnectionState
 from streams.exceptions import TransportClosed, UsageError
 from streams.job_status_update_manager import build_update
+from streams.journal import Journal, PendingUpdate
 from streams.message_manager import (
     AckOutcome,
     Depth,
     Envelope,
+    HeadOfLine,
     MessageManager,
     Requeued,
     Sent,
@@ -288,6 +290,7 @@ def test_a_status_update_without_metadata_is_held_without_its_frame_and_written_
     expected = encode(JobStatusUpdate(uuid=job, status=job_status))
     assert envelope.frame == expected, "built on demand, byte for byte the model's frame"
     assert envelope.size == len(expected), "the byte bound counts the frame it will write"
+    assert envelope._frame is None and envelope.policy is HoldPolicy.KEEP_ALL, "held without a frame string"
     from_model = envelope_of(JobStatusUpdate(uuid=job, status=job_status), 0.0)  # encoded at enqueue, kept
     assert (from_model.frame, from_model.size) == (expected, len(expected))
 
@@ -640,3 +643,169 @@ async def test_stop_without_start_completes_the_observables() -> None:
     await box.messages.stop()
     assert box.messages.task is None
     assert completed == ["dropped"]
+
+
+# -- the journal: what the outbox tells it, and what it waits for ------------------------------------------
+
+
+class FakeJournal:
+    """The four things the MessageManager uses of a Journal; durability is scripted."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, str | None, str | None]] = []
+        self.answers: list[int] = []
+        self.durable_upto = 1_000_000
+        self.on_durable: Callable[[], None] | None = None
+
+    def record(self, kind: str, frame: str, job_uuid: str | None = None, status: str | None = None) -> int:
+        self.records.append((kind, frame, job_uuid, status))
+        return 100 + len(self.records)
+
+    def is_durable(self, seq: int) -> bool:
+        return seq <= self.durable_upto
+
+    def answered(self, seq: int) -> None:
+        self.answers.append(seq)
+
+
+def journaled_outbox(**overrides: Any) -> tuple[Outbox, FakeJournal]:
+    responses: Subject[Response] = Subject()
+    connection = FakeConnection(responses)
+    clock = Clock()
+    journal = FakeJournal()
+    messages = MessageManager(
+        ClientConfig(url=URL, **overrides), cast(ConnectionManager, connection), responses, clock=clock,
+        journal=cast(Journal, journal),
+    )
+    box = Outbox(messages, connection, responses, clock)
+    messages.sent.subscribe(box.sent.append)
+    messages.dropped.subscribe(box.dropped.append)
+    messages.acks.subscribe(box.acks.append)
+    return box, journal
+
+
+async def test_every_accepted_update_is_journaled_with_its_fields_and_sent_with_its_row() -> None:
+    box, journal = journaled_outbox()
+    await box.messages.start()
+    try:
+        assert box.messages.kept_in_journal == 0
+        box.enqueue(status(1), spec(2), V0Heartbeat())
+        expected_status = encode(status(1))
+        assert journal.records == [
+            ("V0JobStatusUpdate", expected_status, "00000000-0000-4000-8000-000000000001", "received"),
+            ("V0MachineSpecsUpdate", encode(spec(2)), None, None),
+        ], "heartbeats are not journaled"
+        box.connection.answer = SUCCESS
+        box.connection.up()
+        await wait_until(lambda: len(box.acks) == 1 and len(box.sent) == 3, WAIT, "everything sent and answered")
+        assert [(label(s.envelope.frame), s.envelope.seq) for s in box.sent] == [
+            ("hb", 0), ("status1", 101), ("spec2", 102)
+        ]
+        # The spec update is done once written, the status update once answered; a heartbeat never was a row.
+        assert sorted(journal.answers) == [101, 102]
+    finally:
+        await box.messages.stop()
+
+
+async def test_nothing_goes_on_the_wire_before_its_journal_row_is_durable() -> None:
+    box, journal = journaled_outbox()
+    journal.durable_upto = 0
+    await box.messages.start()
+    try:
+        assert journal.on_durable is not None, "the journal wakes the send loop when a commit lands"
+        box.connection.up()
+        box.enqueue(status(1))
+        box.enqueue(V0Heartbeat())  # not journaled: goes out at once, proving the send loop ran
+        await wait_until(lambda: box.connection.labels(1) == ["hb"], WAIT, "the heartbeat")
+        assert box.connection.tried(1) == ["hb"], "the status update waits for its row to be durable"
+        journal.durable_upto = 101
+        journal.on_durable()
+        await wait_until(lambda: box.connection.labels(1) == ["hb", "status1"], WAIT, "the durable update")
+    finally:
+        await box.messages.stop()
+
+
+async def test_an_ack_of_any_outcome_answers_the_journal_row() -> None:
+    box, journal = journaled_outbox()
+    await box.messages.start()
+    try:
+        box.connection.answer = error("job.does_not_exist")
+        box.connection.up()
+        box.enqueue(status(1))
+        await wait_until(lambda: len(box.acks) == 1, WAIT, "the error Response")
+        assert box.acks[0].outcome == "error" and journal.answers == [101]
+    finally:
+        await box.messages.stop()
+
+
+async def test_a_journaled_update_dropped_is_answered_and_one_left_at_stop_is_kept() -> None:
+    box, journal = journaled_outbox(outbox_max_messages=1)
+    await box.messages.start()
+    box.enqueue(status(1), status(2))  # disconnected: the bound of one evicts status1
+    assert [(label(d.item.frame), d.reason) for d in box.dropped] == [("status1", "outbox_full")]
+    assert journal.answers == [101], "reported dropped: a restart must not resend it"
+    await box.messages.stop()
+    assert [(label(d.item.frame), d.reason) for d in box.dropped] == [("status1", "outbox_full")], (
+        "kept in the journal for the next start, not reported dropped"
+    )
+    assert box.messages.kept_in_journal == 1 and journal.answers == [101]
+
+
+async def test_restored_rows_go_out_first_in_order_as_they_were_journaled() -> None:
+    box, journal = journaled_outbox()
+    box.clock.now = 5.0
+    frame = encode(status(7, JobStatus.ACCEPTED))
+    box.messages.restore([
+        PendingUpdate(7, "V0JobStatusUpdate", frame, "00000000-0000-4000-8000-000000000007", "accepted", 1.0),
+        PendingUpdate(8, "V0MachineSpecsUpdate", encode(spec(8)), None, None, 2.0),
+    ])
+    with pytest.raises(ValueError, match=r"^journal row 3: V0Heartbeat is not a journaled message type$"):
+        box.messages.restore([PendingUpdate(3, "V0Heartbeat", '{"message_type":"V0Heartbeat"}', None, None, 0.0)])
+    with pytest.raises(ValueError, match=r"^journal row 4: Other is not a journaled message type$"):
+        box.messages.restore([PendingUpdate(4, "Other", "{}", None, None, 0.0)])
+    await box.messages.start()
+    try:
+        with pytest.raises(UsageError, match=r"^restore\(\) must be called before start\(\)$"):
+            box.messages.restore([])
+        box.enqueue(status(1))
+        box.connection.answer = SUCCESS
+        box.connection.up()
+        await wait_until(lambda: len(box.sent) == 3, WAIT, "three frames")
+        assert [label(s.envelope.frame) for s in box.sent] == ["status7", "spec8", "status1"]
+        restored = box.sent[0].envelope
+        assert (restored.kind, restored.frame, restored.policy, restored.enqueued_at) == (
+            "V0JobStatusUpdate", frame, HoldPolicy.KEEP_ALL, 5.0
+        )
+        assert (restored.job_uuid, restored.status, restored.seq) == (
+            "00000000-0000-4000-8000-000000000007", "accepted", 7
+        )
+        assert box.sent[1].envelope.policy is HoldPolicy.KEEP_BOUNDED and box.sent[1].envelope.seq == 8
+        await wait_until(lambda: 7 in journal.answers and 8 in journal.answers, WAIT, "both restored rows answered")
+    finally:
+        await box.messages.stop()
+
+
+def test_a_new_envelope_is_unsent_and_says_what_it_carries() -> None:
+    envelope = Envelope("V0JobStatusUpdate", None, HoldPolicy.KEEP_ALL, 2.5, "job-1", "accepted")
+    assert (envelope.sends, envelope.sent_at, envelope.unanswered, envelope.seq) == (0, 0.0, 0, 0)
+    assert repr(envelope) == "<Envelope V0JobStatusUpdate job_uuid='job-1' status='accepted' sends=0 seq=0>"
+    spec_envelope = Envelope("V0MachineSpecsUpdate", "{}", HoldPolicy.KEEP_BOUNDED, 0.0, seq=9)
+    assert repr(spec_envelope) == "<Envelope V0MachineSpecsUpdate sends=0 seq=9>"
+    frameless_spec = r"^only a status update with its job_uuid and status can be built without a frame$"
+    with pytest.raises(ValueError, match=frameless_spec):
+        Envelope("V0MachineSpecsUpdate", None, HoldPolicy.KEEP_BOUNDED, 0.0, "job-1", "accepted")
+
+
+async def test_the_head_of_line_report_carries_its_age_since_enqueue() -> None:
+    async with running() as box:
+        heads: list[HeadOfLine] = []
+        box.messages.head_of_line.subscribe(heads.append)
+        box.clock.now = 2.0
+        box.enqueue(status(1))
+        box.connection.up()
+        await wait_until(lambda: box.connection.labels(1) == ["status1"], WAIT, "the write")
+        box.clock.now = 5.5
+        box.connection.down()  # unanswered: the oldest unanswered update is now the head of the line
+        assert [(label(h.envelope.frame), h.connections, h.age, h.suspected, h.answered) for h in heads] == [
+            ("status1", 1, 3.5, False, False)
+        ]

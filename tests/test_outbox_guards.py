@@ -65,6 +65,7 @@ def test_the_default_limit_is_productions_16_mib_and_the_check_counts_utf8_bytes
     assert refusal(update, frame, 102) is None, "exactly at the limit passes"
     too_large = refusal(update, frame, 101)
     assert isinstance(too_large, MessageTooLarge) and (too_large.size, too_large.limit) == (102, 101)
+    assert too_large.kind == "V0JobStatusUpdate"
     wide = '"' + "é" * 50 + '"'  # 52 characters, 102 UTF-8 bytes
     error = refusal(update, wide, 101)
     assert isinstance(error, MessageTooLarge) and error.size == 102
@@ -219,6 +220,7 @@ async def test_invalid_specs_never_reach_the_facilitator_and_are_reported_with_t
             with pytest.raises(InvalidSpecs) as caught:
                 run.client.publish_specs(specs_update(bad, "direct-bad"))
             assert isinstance(caught.value, ValueError) and isinstance(caught.value, MessageRefused)
+            assert caught.value.kind == "V0MachineSpecsUpdate"
             assert "cpu.cores: Extra inputs are not permitted" in str(caught.value)
             source.on_next(specs_update(bad, "source-bad"))
             source.on_next(specs_update(GOOD_SPECS, "source-good"))
