@@ -739,16 +739,16 @@ async def test_an_ack_of_any_outcome_answers_the_journal_row() -> None:
 
 
 async def test_a_journaled_update_dropped_is_answered_and_one_left_at_stop_is_kept() -> None:
-    box, journal = journaled_outbox(outbox_max_messages=1)
+    box, journal = journaled_outbox(outbox_max_messages=2)
     await box.messages.start()
-    box.enqueue(status(1), status(2))  # disconnected: the bound of one evicts status1
+    box.enqueue(status(1), status(2), status(3))  # disconnected: the bound of two evicts status1
     assert [(label(d.item.frame), d.reason) for d in box.dropped] == [("status1", "outbox_full")]
     assert journal.answers == [101], "reported dropped: a restart must not resend it"
     await box.messages.stop()
     assert [(label(d.item.frame), d.reason) for d in box.dropped] == [("status1", "outbox_full")], (
         "kept in the journal for the next start, not reported dropped"
     )
-    assert box.messages.kept_in_journal == 1 and journal.answers == [101]
+    assert box.messages.kept_in_journal == 2 and journal.answers == [101]
 
 
 async def test_restored_rows_go_out_first_in_order_as_they_were_journaled() -> None:
