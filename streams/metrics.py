@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import statsd
 
-__all__ = ["RESERVOIR", "Metrics", "Tally", "quantile", "safe_name"]
+__all__ = ["RESERVOIR", "FlushedPerIteration", "Metrics", "Tally", "quantile", "safe_name"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,33 @@ class MetricsSink(Protocol):
     def close(self) -> None: ...
 
 
-class StatsdSink:
+class FlushedPerIteration:
+    """Holds what it records and hands it on in ``flush()``, scheduled once per event-loop iteration.
+
+    The per-message path only appends to memory; the hand-over (a UDP send, the Prometheus collectors,
+    the `Metrics` dictionaries) runs once for everything one loop iteration recorded. Outside a
+    running loop (a host's thread, tests) it hands over at once. Subclasses implement ``flush()``
+    and start it with ``super().flush()`` (which clears the schedule).
+    """
+
+    _flush_scheduled = False
+
+    def _schedule(self) -> None:
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: hand over at once
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+
+
+class StatsdSink(FlushedPerIteration):
     """statsd over UDP: ``<prefix>.<name>``, timings in ms, packed into few datagrams per loop iteration."""
 
     def __init__(self, host: str, port: int = 8125, prefix: str = "facilitator_client") -> None:
@@ -61,7 +87,6 @@ class StatsdSink:
             raise ValueError(f"port {port} is out of range")
         self._statsd = statsd.StatsClient(host, port, prefix=prefix)
         self._pipeline: Any = self._statsd.pipeline()
-        self._flush_scheduled = False
         self._failed = False
 
     def incr(self, name: str, count: float) -> None:
@@ -76,23 +101,13 @@ class StatsdSink:
         self._pipeline.timing(name, seconds * 1000.0)
         self._schedule()
 
-    def _schedule(self) -> None:
-        if not self._flush_scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (a host's thread, tests): send at once
-                self.flush()
-                return
-            self._flush_scheduled = True
-            loop.call_soon(self.flush)
-
     def flush(self) -> None:
         """Send what was recorded since the last flush, packed into few UDP datagrams.
 
         Called once per event-loop iteration: one datagram per metric call would cost a system
         call each, several per status update at full speed.
         """
-        self._flush_scheduled = False
+        super().flush()
         try:
             self._pipeline.send()
         except Exception as exc:  # statsd must never break the client
@@ -111,25 +126,25 @@ class StatsdSink:
             pass
 
 
-class Tally:
+class Tally(FlushedPerIteration):
     """Per-message counts and timings kept as plain ints and lists, handed to `Metrics` once per
     event-loop iteration (issue 17: a ``Metrics.incr`` per status update sent, acknowledged and
     received was ~7% of the client's own CPU per update). Reading the metrics hands them over first,
     so a read is always exact; sinks get them at most one loop iteration later. Get one with
     `Metrics.tally`; use it from the loop's thread."""
 
-    __slots__ = ("_counts", "_metrics", "_scheduled", "_timings")
+    __slots__ = ("_counts", "_metrics", "_timings")
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._counts: dict[str, int] = {}
         self._timings: dict[str, list[float]] = {}
-        self._scheduled = False
+        self._flush_scheduled = False
 
     def incr(self, name: str) -> None:
         counts = self._counts
         counts[name] = counts.get(name, 0) + 1
-        if not self._scheduled:
+        if not self._flush_scheduled:
             self._schedule()
 
     def timing(self, name: str, seconds: float) -> None:
@@ -137,21 +152,12 @@ class Tally:
         if samples is None:
             samples = self._timings[name] = []
         samples.append(seconds)
-        if not self._scheduled:
+        if not self._flush_scheduled:
             self._schedule()
-
-    def _schedule(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a host's thread, tests): hand over at once
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Hand what was tallied to the metrics (and their sinks)."""
-        self._scheduled = False
+        super().flush()
         counts, timings = self._counts, self._timings
         if counts:
             self._counts = {}

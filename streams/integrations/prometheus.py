@@ -21,7 +21,6 @@ Needs the ``prometheus`` extra (``prometheus_client``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from streams.metrics import FlushedPerIteration
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class _Timings:
         self.total = 0.0
 
 
-class PrometheusSink:
+class PrometheusSink(FlushedPerIteration):
     """A ``streams.metrics.MetricsSink`` batching into the collectors once per event-loop iteration.
 
     prometheus_client's own updates cost ~1-3 µs each (a lock, and a file write in multiprocess mode): on the
@@ -284,7 +285,6 @@ class PrometheusSink:
         self._touched: set[_Timings] = set()
         self._incs: dict[str, Callable[[float], None]] = {}
         self._sets: dict[str, Callable[[float], None]] = {}
-        self._flush_scheduled = False
 
     # -- the MetricsSink protocol: per-message path --------------------------------------------
     def incr(self, name: str, count: float) -> None:
@@ -306,18 +306,9 @@ class PrometheusSink:
         if not self._flush_scheduled:
             self._schedule()
 
-    def _schedule(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a host's thread, tests): hand over at once
-            self.flush()
-            return
-        self._flush_scheduled = True
-        loop.call_soon(self.flush)
-
     def flush(self) -> None:
         """Hand what was recorded since the last flush to the collectors."""
-        self._flush_scheduled = False
+        super().flush()
         counts, self._counts = self._counts, {}
         for name, count in counts.items():
             inc = self._incs.get(name)
