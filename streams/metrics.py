@@ -133,8 +133,6 @@ class Tally(FlushedPerIteration):
     so a read is always exact; sinks get them at most one loop iteration later. Get one with
     `Metrics.tally`; use it from the loop's thread."""
 
-    __slots__ = ("_counts", "_metrics", "_timings")
-
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._counts: dict[str, int] = {}

@@ -97,3 +97,40 @@ async def running_client(
             await task
         leftover = [t for t in asyncio.all_tasks() - before if not t.done() and not server_side(t)]
         assert not leftover, f"tasks left behind: {leftover}"
+
+
+class ProcessLines:
+    """A child process whose output lines (``stream``: "stdout" or "stderr") are collected as they come.
+
+    ``changed`` is set after every new line and at the end of the stream; ``kill()`` ends the process
+    and the reader (safe to call on an exited one).
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, stream: str) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.changed = asyncio.Event()
+        reader = proc.stdout if stream == "stdout" else proc.stderr
+        assert reader is not None, f"the child's {stream} is not a pipe"
+        self._reader = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self.changed.set()
+        self.changed.set()
+
+    async def finish(self, timeout: float = 30.0) -> int:
+        """Wait for the exit and the last line; the exit status."""
+        async with asyncio.timeout(timeout):
+            returncode = await self.proc.wait()
+            await self._reader
+        return returncode
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader

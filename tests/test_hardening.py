@@ -42,7 +42,7 @@ from streams.protocol import MAX_FRAME_BYTES, JobStatus, V0AuthenticationRequest
 from streams.recording import load_recording
 from streams.recording.format import MAX_LINE_BYTES
 from streams.transport import memory_transport_pair
-from tests.helpers import ALICE, BOB, fast_config, running_client, wait_until
+from tests.helpers import ALICE, BOB, ProcessLines, fast_config, running_client, wait_until
 from tests.test_monitor import assert_event_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,21 +71,11 @@ def closed_port() -> int:
 # -- subprocess helpers ------------------------------------------------------------------------------
 
 
-class Cli:
+class Cli(ProcessLines):
     """``python -m streams ...`` in a subprocess; its stderr lines are collected as they come."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._changed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-        self._changed.set()
+        super().__init__(proc, "stderr")
 
     @property
     def stderr(self) -> str:
@@ -101,31 +91,14 @@ class Cli:
                         return line
                 if self._reader.done():
                     raise AssertionError(f"no line matching {pattern!r}; stderr:\n{self.stderr}")
-                self._changed.clear()
-                await self._changed.wait()
+                self.changed.clear()
+                await self.changed.wait()
 
     async def interrupt(self, timeout: float = 15.0) -> tuple[int, float]:
         """SIGINT; returns (exit status, seconds to exit)."""
         started = time.monotonic()
         self.proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(timeout):
-            rc = await self.proc.wait()
-            await self._reader
-        return rc, time.monotonic() - started
-
-    async def finish(self, timeout: float = 30.0) -> int:
-        async with asyncio.timeout(timeout):
-            rc = await self.proc.wait()
-            await self._reader
-        return rc
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        return await self.finish(timeout), time.monotonic() - started
 
 
 @contextlib.asynccontextmanager

@@ -32,7 +32,7 @@ from streams.events import EventType
 from streams.journal import Journal, JournalError, summarize
 from streams.message_manager import Sent
 from streams.protocol import JobStatus, V2JobRequest
-from tests.helpers import ALICE, FULL_SEQUENCE, fast_config, running_client, wait_until
+from tests.helpers import ALICE, FULL_SEQUENCE, ProcessLines, fast_config, running_client, wait_until
 from tests.journal_child import STEPS, jobs_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +43,11 @@ KILL_SEED = int(os.environ.get("JOURNAL_KILL_SEED", "20261203"))
 KILLS = 20
 
 
-class Child:
+class Child(ProcessLines):
     """One client process; its stdout lines are collected as they come."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.changed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
+        super().__init__(proc, "stdout")
 
     @classmethod
     async def start(cls, url: str, journal: Path, run: int, count: int, *extra: str) -> Child:
@@ -61,12 +58,6 @@ class Child:
         )
         return cls(proc)
 
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        async for line in self.proc.stdout:
-            self.lines.append(line.decode().strip())
-            self.changed.set()
-
     async def wait_line(self, text: str, timeout: float = 30) -> None:
         async with asyncio.timeout(timeout):
             while text not in self.lines:
@@ -75,13 +66,10 @@ class Child:
                 self.changed.clear()
                 await self.changed.wait()
 
-    async def finish(self, sig: int | None = None, timeout: float = 30) -> int:
+    async def finish(self, sig: int | None = None, timeout: float = 30) -> int:  # type: ignore[override]
         if sig is not None and self.proc.returncode is None:
             self.proc.send_signal(sig)
-        async with asyncio.timeout(timeout):
-            returncode = await self.proc.wait()
-            await self._reader
-        return returncode
+        return await super().finish(timeout)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -92,13 +80,6 @@ class Child:
         assert self.proc.stderr is not None
         return (await self.proc.stderr.read()).decode(errors="replace")
 
-    async def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
 
 
 @contextlib.asynccontextmanager
