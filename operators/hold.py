@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -124,23 +124,32 @@ class _Outbox(Generic[T]):
         self._all_taken += 1
         return self._all.popleft()
 
-    def add(self, item: T, policy: HoldPolicy, size: int) -> list[Dropped[T]]:
+    def add(self, item: T, policy: HoldPolicy, size: int) -> Sequence[Dropped[T]]:
         """Hold ``item``; return what was superseded or evicted, in the order it happened."""
+        if policy is HoldPolicy.KEEP_ALL:  # the bulk of an outage: no wrapper, no list unless a bound is hit
+            self._all.append(item)
+            self._all_sizes.append(size)
+            self._all_added += 1
+            self.count += 1
+            self.bytes += size
+            if not self._over():
+                return ()
+            return self._evict([])
         dropped: list[Dropped[T]] = []
         if policy is HoldPolicy.KEEP_LATEST:
             if self._latest is not None:
                 dropped.append(Dropped(self._take(self._latest), REASON_SUPERSEDED))
             self._latest = _Entry(0, item, size)
-        elif policy is HoldPolicy.KEEP_BOUNDED:
-            self._bounded.append(_Entry(self._all_added, item, size))
         else:
-            self._all.append(item)
-            self._all_sizes.append(size)
-            self._all_added += 1
+            self._bounded.append(_Entry(self._all_added, item, size))
         self.count += 1
         self.bytes += size
         if self._max_bounded is not None and len(self._bounded) > self._max_bounded:
             dropped.append(Dropped(self._take(self._bounded.popleft()), REASON_OUTBOX_FULL))
+        return self._evict(dropped)
+
+    def _evict(self, dropped: list[Dropped[T]]) -> list[Dropped[T]]:
+        """Evict until within the bounds (see the module doc for the order); append to ``dropped``."""
         while self.count and self._over():
             if self._latest is not None:
                 victim, self._latest = self._latest, None
@@ -194,7 +203,7 @@ class _HoldSubscription(Generic[T]):
 
     # -- reporting ---------------------------------------------------------------------------
 
-    def _report(self, dropped: list[Dropped[T]]) -> None:
+    def _report(self, dropped: Sequence[Dropped[T]]) -> None:
         if self._on_dropped is not None:
             for d in dropped:
                 self._on_dropped(d)
@@ -241,7 +250,8 @@ class _HoldSubscription(Generic[T]):
                 self.on_error(exc)
                 return
             dropped = self._outbox.add(item, policy, size)
-            self._report(dropped)
+            if dropped:
+                self._report(dropped)
             self._depth()
         self._drain()
 
@@ -267,8 +277,9 @@ class _HoldSubscription(Generic[T]):
         self._emitting = True
         try:
             # The gate is re-checked after every item: an observer may close it from on_next.
-            while self._open and self._outbox and not self.stopped:
-                item = self._outbox.pop()
+            outbox = self._outbox
+            while self._open and outbox.count and not self.stopped:
+                item = outbox.pop()
                 self._depth()
                 self._observer.on_next(item)
         finally:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import reactivex
+from reactivex import abc
 from reactivex import operators as ops
 from reactivex.disposable import CompositeDisposable
 from reactivex.subject import BehaviorSubject, Subject
@@ -288,6 +289,8 @@ class MessageManager:
         self._started = False
         self._task: asyncio.Task[None] | None = None
         self._depth_soon = False
+        self._reopen_below = max(1, config.wire_queue_size // 2)
+        """The closed gate reopens once the send loop has taken the wire queue below this (hysteresis)."""
 
         self._sent: Subject[Sent] = LoopSubject()
         self._dropped: Subject[Dropped[Envelope]] = Subject()
@@ -390,8 +393,37 @@ class MessageManager:
             ops.map(_is_connected), ops.distinct_until_changed()
         )
 
-        data: Subject[Envelope] = LoopSubject()
-        outbox = data.pipe(
+        journal = self._journal
+        max_outbound = self._config.max_outbound_frame_bytes
+        sources = self._sources
+
+        def merged(
+            observer: abc.ObserverBase[Envelope], scheduler: abc.SchedulerBase | None = None
+        ) -> abc.DisposableBase:
+            """The merge of the sources, each message encoded once into its envelope (merge + map in one
+            step: all on the loop thread, so the interleaving is arrival order; reactivex.merge would add
+            a lock per message). Heartbeats leave here for their priority lane."""
+            emit = observer.on_next
+
+            def route(message: OutboundMessage) -> None:
+                envelope = envelope_of(message, self._clock())
+                if envelope.policy is HoldPolicy.KEEP_LATEST:
+                    self._to_priority(envelope)  # liveness, not data: never behind a backlog
+                    return
+                # Synchronous, so the error reaches whoever emitted the message (report(), publish_specs()).
+                # (A frameless status update is ~120 characters, far below any allowed limit.)
+                error = None if envelope._frame is None else refusal(message, envelope._frame, max_outbound)
+                if error is not None:
+                    self._refused.on_next(Refused(envelope, error))
+                    raise error
+                if journal is not None:  # accepted = journaled; sent once durable (see _next_ready)
+                    envelope.seq = journal.record(envelope.kind, envelope.frame, envelope.job_uuid, envelope.status)
+                emit(envelope)
+                self._publish_depth_soon()  # once for whatever that changed (held, wire queue, evictions)
+
+            return CompositeDisposable(*(source.subscribe(route, scheduler=scheduler) for source in sources))
+
+        outbox = reactivex.Observable(merged).pipe(
             hold_while_disconnected(
                 self._gate,
                 lambda envelope: envelope.policy,
@@ -404,24 +436,6 @@ class MessageManager:
             ),
         )
 
-        journal = self._journal
-        max_outbound = self._config.max_outbound_frame_bytes
-
-        def route(message: OutboundMessage) -> None:
-            envelope = envelope_of(message, self._clock())
-            if envelope.policy is HoldPolicy.KEEP_LATEST:
-                self._to_priority(envelope)  # liveness, not data: never behind a backlog
-                return
-            # Synchronous, so the error reaches whoever emitted the message (report(), publish_specs()).
-            # (A frameless status update is ~120 characters, far below any allowed limit.)
-            error = None if envelope._frame is None else refusal(message, envelope._frame, max_outbound)
-            if error is not None:
-                self._refused.on_next(Refused(envelope, error))
-                raise error
-            if journal is not None:  # accepted = journaled; sent once durable (see _next_ready)
-                envelope.seq = journal.record(envelope.kind, envelope.frame, envelope.job_uuid, envelope.status)
-            data.on_next(envelope)
-
         if journal is not None:
             journal.on_durable = self._wake.set
 
@@ -429,11 +443,8 @@ class MessageManager:
         self._subscriptions.add(
             match_acks(self._for_ack, self._responses, connected).subscribe(self._on_ack_event)
         )
+        # Last: subscribing the outbox subscribes the sources, and messages may flow at once.
         self._subscriptions.add(outbox.subscribe(self._to_wire))
-        # The merge of the sources: each feeds ``route`` directly (all on the loop thread, so the
-        # interleaving is arrival order; reactivex.merge would add a lock per message).
-        for source in self._sources:
-            self._subscriptions.add(source.subscribe(route))
         self._task = asyncio.create_task(self._send_loop(), name="facilitator-send-loop")
 
     @property
@@ -473,7 +484,8 @@ class MessageManager:
             if envelope.seq and not envelope.expects_ack and self._journal is not None:
                 self._journal.answered(envelope.seq)  # a spec update is never answered: done once written
             self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
-            if not self._gate.value:  # a send only shrinks the wire queue: only a closed gate can change
+            # A send only shrinks the wire queue: only a closed gate can change, and only below half.
+            if len(self._wire) < self._reopen_below and not self._gate.value:
                 self._update_gate()
             self._publish_depth_soon()
 
@@ -537,15 +549,14 @@ class MessageManager:
         wire.append(envelope)
         if len(wire) >= self._config.wire_queue_size:  # the gate is open (the outbox emits only then)
             self._update_gate()
-        self._publish_depth_soon()
+        # No depth publication here: whoever made the outbox release (route, _update_gate) publishes once.
         self._wake.set()
 
     def _update_gate(self) -> None:
         # Hysteresis: the gate closes at wire_queue_size and reopens only once the send loop has
         # taken the wire queue below half of it, so the outbox releases frames in batches rather
         # than toggling the gate (and re-entering the hold operator) once per frame.
-        size = self._config.wire_queue_size
-        limit = size if self._gate.value else max(1, size // 2)
+        limit = self._config.wire_queue_size if self._gate.value else self._reopen_below
         is_open = self._connection.is_connected and len(self._wire) < limit
         if is_open != self._gate.value:
             # A release moves frames to the wire queue one by one (each publishing its depth "soon",
@@ -610,8 +621,8 @@ class MessageManager:
         self._dropped.on_next(dropped)
 
     def _on_held_depth(self, count: int, size: int) -> None:
+        # Stored only: the held depth changes inside route() or a release, and both publish afterwards.
         self._held, self._held_bytes = count, size
-        self._publish_depth_soon()
 
     def _publish_depth(self) -> None:
         depth = Depth(self._held, self._held_bytes, len(self._wire), self._in_flight)
