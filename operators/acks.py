@@ -34,9 +34,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Acked(Generic[T, R]):
-    """``response`` answers ``item``."""
+    """``response`` answers ``item``. One per acknowledgement, so not frozen (a frozen dataclass's
+    ``__init__`` costs about 3x): read-only by convention."""
 
     item: T
     response: R

@@ -154,7 +154,9 @@ class Envelope:
         return f"<Envelope {self.kind}{what} sends={self.sends} seq={self.seq}>"
 
 
-@dataclass(frozen=True, slots=True)
+# Sent and AckOutcome are made once per status update: plain slotted dataclasses (read-only by
+# convention), because a frozen dataclass's __init__ (object.__setattr__ per field) costs about 3x.
+@dataclass(slots=True)
 class Sent:
     envelope: Envelope
     at: float
@@ -165,7 +167,7 @@ class Sent:
         return self.envelope.sends > 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AckOutcome:
     envelope: Envelope
     response: Response
@@ -418,8 +420,12 @@ class MessageManager:
                     raise error
                 if journal is not None:  # accepted = journaled; sent once durable (see _next_ready)
                     envelope.seq = journal.record(envelope.kind, envelope.frame, envelope.job_uuid, envelope.status)
+                # Once for whatever the emission changes (held, wire queue, evictions); scheduled first,
+                # so the depth is published before the send loop (woken by the emission) takes any of it.
+                self._publish_depth_soon()
                 emit(envelope)
-                self._publish_depth_soon()  # once for whatever that changed (held, wire queue, evictions)
+                if not self._depth_soon:  # fed from outside an event loop: nothing was scheduled
+                    self._publish_depth()
 
             return CompositeDisposable(*(source.subscribe(route, scheduler=scheduler) for source in sources))
 
