@@ -14,6 +14,7 @@ from streams.devtools.simulator import FacilitatorSimulator
 from streams.protocol import JobStatus, V0JobCheated, V2JobRequest
 from tests.helpers import ALICE, fast_config, running_client, wait_until
 from tests.signing import BOB, cheat_body, job_body, sign_cheat, sign_job
+from tests.test_monitor import assert_event_shape
 
 CHARLIE = Keypair.create_from_uri("//Charlie")
 
@@ -63,7 +64,7 @@ async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_disp
             assert event.data["signatory"] == CHARLIE.ss58_address
             assert run.counters["jobs.rejected"] == 1
             assert run.counters["jobs.dispatched"] == 2
-            assert not run.events_of("CONFIG_WARNING")  # trusted signatories are configured
+            assert not run.events_of("CONFIG_WARNING")  # verification is on
 
 
 @pytest.mark.parametrize(
@@ -191,6 +192,7 @@ async def test_verify_signatures_false_runs_unsigned_jobs_and_says_so_loudly(
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 10, "completed")
     (warning,) = run.events_of("CONFIG_WARNING")
     assert warning.subtype == "signatures_not_verified"
+    assert_event_shape(warning)
     assert any("verification is OFF" in r.message for r in caplog.records)
     assert run.client._verifier is None
 

@@ -34,7 +34,7 @@ GOLDEN_JOBS = captured_inbound("V2JobRequest")
 GOLDEN_CHEATS = captured_inbound("V0JobCheated")
 GOLDEN = GOLDEN_JOBS + GOLDEN_CHEATS
 SIGNERS = SignatureVerifier(own_hotkey=ALICE.ss58_address, trusted_signatories=[BOB.ss58_address])
-"""Trusts //Alice (as the validator's own hotkey) and //Bob (the capture's signer): the checks below are cryptographic."""
+"""Trusts //Alice (the own hotkey) and //Bob (the capture's signer): the checks below are cryptographic."""
 
 
 def _verify(verifier: SignatureVerifier, message: V2JobRequest | V0JobCheated) -> Any:
