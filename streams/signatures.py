@@ -12,8 +12,8 @@ Nothing from the network runs before this says yes. The scheme, for a payload P 
 
 `SignatureVerifier` adds the trust policy (the validator's own hotkey, plus any trusted signatories:
 with none configured, only its own hotkey) and an optional freshness bound, and returns a
-`Verification` that says what failed. An sr25519 verify costs ~65 µs here (`python -m bench.verify`), so it runs
-inline on the event loop: a thread hop would cost about as much as the check.
+`Verification` that says what failed. An sr25519 verify costs ~65 µs here (`python -m bench.verify`),
+so it runs inline on the event loop: a thread hop would cost about as much as the check.
 """
 
 from __future__ import annotations
