@@ -398,20 +398,18 @@ class FacilitatorClient:
         )
 
     def _warn_about_trust(self) -> None:
-        """Once at start: say loudly when jobs are not checked, or anyone with a valid key may send them."""
+        """Once at start: warn loudly when jobs are not checked; say who may sign them when it is only us."""
         if self._verifier is None:
             text = "signature verification is OFF (verify_signatures=False): every job request is run unchecked"
             subtype = "signatures_not_verified"
-        elif self._verifier.accepts_any:
-            text = (
-                "no trusted signatories configured: a job signed by anyone with a valid signature is run "
-                "(set trusted_signatories / --trusted-signer)"
+            log.warning(text)
+            self._monitor.emit(EventType.CONFIG_WARNING, subtype, text, setting=subtype)
+        elif self._verifier.only_own_hotkey:  # the safe default: information, not a warning or an event
+            log.info(
+                "no trusted signatories configured: only jobs signed by this validator's own hotkey will run; "
+                "to run jobs the facilitator signs, trust its signer (ClientConfig.trusted_signatories, "
+                "run --trusted-signer / --trusted-signers-file)"
             )
-            subtype = "any_signatory_accepted"
-        else:
-            return
-        log.warning(text)
-        self._monitor.emit(EventType.CONFIG_WARNING, subtype, text, setting=subtype)
 
     def _spec_source_failed(self, exc: BaseException) -> None:
         self._monitor.emit(

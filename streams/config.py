@@ -271,8 +271,9 @@ class ClientConfig:
     """Verify every job request and cheat report before it reaches the host (PROTOCOL.md "Signatures").
     False is for tests only, and the client warns about it at start. A bool, default True."""
     trusted_signatories: tuple[str, ...] = ()
-    """ss58 addresses allowed to sign jobs besides the validator's own hotkey. Empty (default): any
-    valid signatory is accepted (as a validator with no whitelist does), with a warning at start."""
+    """ss58 addresses allowed to sign jobs and cheat reports besides the validator's own hotkey (the
+    validator's whitelist; put the facilitator's signer here). Empty (default): only the own hotkey is
+    trusted, and any other signatory's job is reported `rejected` (said once at start, at INFO)."""
     signature_max_age: float | None = None
     """Refuse a signature whose timestamp is further than this many seconds from now; [1, 1 year]
     or None (default: no bound)."""

@@ -29,7 +29,7 @@ class EventType(enum.StrEnum):
     CHEAT_REJECTED = "CHEAT_REJECTED"
     """A cheat report whose signature did not verify: not passed to ``on_cheat``."""
     CONFIG_WARNING = "CONFIG_WARNING"
-    """Once at start: a setting that is unsafe in production (no signature checks, any signatory)."""
+    """Once at start: a setting that is unsafe in production (verify_signatures=False: no signature checks)."""
     UNEXPECTED_RESPONSE = "UNEXPECTED_RESPONSE"
     SOURCE_FAILED = "SOURCE_FAILED"
     DISPATCHER_FAILED = "DISPATCHER_FAILED"

@@ -10,10 +10,10 @@ Nothing from the network runs before this says yes. The scheme, for a payload P 
 - a cheat report signs P = the string ``json.dumps({job_uuid, trusted_job_uuid, details}, sort_keys=True)``
   (real SDK traffic), or P = that object itself (what the real validator checks): either is accepted.
 
-`SignatureVerifier` adds the trust policy (own hotkey or trusted signatories; anyone with a valid
-signature when none are configured) and an optional freshness bound, and returns a `Verification`
-that says what failed. An sr25519 verify costs ~65 µs here (`python -m bench.verify`), so it runs
-inline on the event loop: a thread hop would cost about as much as the check.
+`SignatureVerifier` adds the trust policy (the validator's own hotkey, plus any trusted signatories:
+with none configured, only its own hotkey) and an optional freshness bound, and returns a
+`Verification` that says what failed. An sr25519 verify costs ~65 µs here (`python -m bench.verify`),
+so it runs inline on the event loop: a thread hop would cost about as much as the check.
 """
 
 from __future__ import annotations
@@ -235,10 +235,11 @@ def _verifies(parsed: _Signature, payload: Any) -> bool:
 class SignatureVerifier:
     """Checks signatures and who made them.
 
-    A signatory is trusted when it is `own_hotkey` (the validator's hotkey: ss58 or public key) or one of
-    `trusted_signatories`; with no trusted signatories configured, any valid signatory is
-    accepted (`accepts_any`: the client warns about that once at start). `max_age` (seconds)
-    bounds how far the signature's timestamp may be from now, either way; None means no bound.
+    A signatory is trusted only when it is `own_hotkey` (the validator's hotkey: ss58 or public key)
+    or one of `trusted_signatories` (the validator's whitelist); with none configured, only the own
+    hotkey is. There is no "anyone" mode: a verifier given neither would trust nobody, so that is a
+    ValueError. `max_age` (seconds) bounds how far the signature's timestamp may be from now, either
+    way; None means no bound.
     """
 
     def __init__(
@@ -256,20 +257,28 @@ class SignatureVerifier:
                 keys[public_key_of(address)] = address
             except ValueError as exc:
                 raise ValueError(f"trusted_signatories[{index}]: {exc}") from None
-        if isinstance(own_hotkey, bytes):
-            keys[own_hotkey] = "own hotkey"
-        elif own_hotkey is not None:
-            keys[public_key_of(own_hotkey)] = own_hotkey
+        try:
+            own = own_hotkey if isinstance(own_hotkey, bytes) or own_hotkey is None else public_key_of(own_hotkey)
+        except ValueError as exc:
+            raise ValueError(f"own_hotkey: {exc}") from None
+        if own is not None:
+            keys[own] = own_hotkey if isinstance(own_hotkey, str) else "own hotkey"
+        if not keys:
+            raise ValueError(
+                "SignatureVerifier needs own_hotkey or at least one of trusted_signatories: "
+                "with neither it would trust no signatory and refuse every job"
+            )
         if max_age is not None and not max_age > 0:
             raise ValueError(f"max_age must be > 0 seconds or None, got {max_age!r}")
-        self._trusted = keys if trusted else None
+        self._trusted = keys
+        self._only_own = keys.keys() == {own}
         self._max_age_ns = None if max_age is None else int(max_age * 1e9)
         self._clock_ns = clock_ns
 
     @property
-    def accepts_any(self) -> bool:
-        """True when no trusted signatories are configured: any valid signature is accepted."""
-        return self._trusted is None
+    def only_own_hotkey(self) -> bool:
+        """True when no trusted signatories are configured: only jobs signed by the own hotkey pass."""
+        return self._only_own
 
     def verify_job(self, job: V2JobRequest) -> Verification:
         """Check a job request's signature over its signed fields."""
@@ -294,10 +303,11 @@ class SignatureVerifier:
         def fail(failure: SignatureFailure, message: str) -> Verification:
             return Verification(failure, message, parsed.signatory, parsed.timestamp_ns)
 
-        if self._trusted is not None and parsed.public_key not in self._trusted:
+        if parsed.public_key not in self._trusted:
             return fail(
                 SignatureFailure.UNTRUSTED,
-                f"signatory {parsed.signatory} is neither this validator's hotkey nor a trusted signatory",
+                f"signatory {parsed.signatory} is neither this validator's hotkey nor a trusted signatory"
+                " (to run its jobs, add it to trusted_signatories / run --trusted-signer)",
             )
         if self._max_age_ns is not None:
             age_ns = self._clock_ns() - parsed.timestamp_ns

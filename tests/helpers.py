@@ -43,8 +43,8 @@ def fast_config(url: str, **overrides: Any) -> ClientConfig:
         backoff_stable_after=0.5,
         backoff_seed=1,
         drain_timeout=2.0,
-        # As a production validator should: only the facilitator's signer (the simulator's //Bob) is
-        # trusted, so jobs are verified and no "any signatory" CONFIG_WARNING starts every event list.
+        # As a production validator should: the facilitator's signer (the simulator's //Bob) is trusted
+        # besides the own hotkey, so the simulator's jobs run (with none configured only own jobs would).
         trusted_signatories=(BOB.ss58_address,),
     )
     defaults.update(overrides)

@@ -26,7 +26,7 @@ from streams import ClientConfig, FacilitatorClient
 from streams.dispatchers import Report
 from streams.events import ConnectionState, EventType, SystemEvent
 from streams.protocol import JobStatus, V2JobRequest
-from tests.helpers import ALICE
+from tests.helpers import ALICE, BOB
 
 STEPS = (JobStatus.RECEIVED, JobStatus.ACCEPTED, JobStatus.EXECUTOR_READY, JobStatus.VOLUMES_READY,
          JobStatus.EXECUTION_DONE)
@@ -51,6 +51,7 @@ async def main(url: str, journal: str, run: int, count: int, after_job: bool) ->
     config = ClientConfig(
         url=url, journal_path=journal, heartbeat_period=5.0, ping_interval=1.0, ping_timeout=1.0,
         backoff_base=0.01, backoff_cap=0.05, connect_timeout=2.0, auth_timeout=2.0, max_in_flight=100,
+        trusted_signatories=(BOB.ss58_address,),  # the simulator's job signer: its jobs run mid-flight
     )
     client = FacilitatorClient(config, signer=ALICE, dispatcher=mid_flight)
     events: list[SystemEvent] = []

@@ -52,7 +52,7 @@ from streams.dispatchers.celery import (
     reporter_for,
 )
 from streams.protocol import JobStatus, V2JobRequest, decode
-from tests.helpers import FULL_SEQUENCE, fast_config, running_client, wait_until
+from tests.helpers import BOB, FULL_SEQUENCE, fast_config, running_client, wait_until
 from tests.redis_fixtures import ROOT, CeleryWorker, RedisServer, redis_and_worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -387,7 +387,8 @@ async def test_client_sigkilled_mid_run_and_restarted_loses_nothing(
     redis_server, _worker = services
     async with FacilitatorSimulator(seed=14) as sim:
         argv = [sys.executable, "-m", "streams", "--log-level", "INFO", "run", "--url", sim.url,
-                "--hotkey-uri", "//Alice", "--backoff-base", "0.05", "--backoff-cap", "0.2",
+                "--hotkey-uri", "//Alice", "--trusted-signer", BOB.ss58_address,
+                "--backoff-base", "0.05", "--backoff-cap", "0.2",
                 "--dispatcher", "celery", "--broker", redis_server.url, "--queue", QUEUE]
         with client_process(argv, tmp_path / "client-1.log") as first:
             await sim.wait_for(lambda: sim.authenticated_connections >= 1, 15, "the first client authenticated")

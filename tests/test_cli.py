@@ -20,6 +20,8 @@ WARNINGS = ("Traceback", "Task was destroyed but it is pending", "was never awai
 
 
 RUN = ["run", "--dispatcher", "simulated"]
+BOB_SS58 = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
+"""//Bob signs the simulator's jobs: trusted where a test needs them to run (by default only own jobs do)."""
 
 
 def streams_cmd(*args: str) -> list[str]:
@@ -36,13 +38,14 @@ async def test_run_exits_promptly_on_a_signal_without_warnings(sig: signal.Signa
         sim.job_requests_on_auth(5)
         proc = subprocess.Popen(  # noqa: ASYNC220 - a child process under test, not awaited I/O
             streams_cmd("run", "--url", sim.url, "--hotkey-uri", "//Alice", "--dispatcher", "simulated",
-                        "--step-delay", "60", "--heartbeat-period", "0.2"),
+                        "--trusted-signer", BOB_SS58, "--step-delay", "60", "--heartbeat-period", "0.2"),
             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
             # Running jobs (60 s per step) and a live connection: the teardown has work to do. A teardown
             # that waited for a job step would take a minute; the bound below is generous for a busy machine.
             await sim.wait_for(lambda: len(sim.frames_of("V0JobStatusUpdate")) >= 5, 20, "jobs received")
+            assert not any(f["status"] == "rejected" for f in sim.frames_of("V0JobStatusUpdate")), "jobs run"
             sent_at = time.monotonic()
             for _ in range(times):  # a second Ctrl-C does not cut the teardown short
                 proc.send_signal(sig)

@@ -50,8 +50,9 @@ async def test_run_writes_events_as_json_lines_sends_statsd_and_exits_on_sigint(
         async with FacilitatorSimulator(seed=77) as sim:
             with stdout_file.open("wb") as out, stderr_file.open("wb") as err:
                 proc = await asyncio.create_subprocess_exec(
+                    # No --trusted-signer: the safe default (own hotkey only) is no CONFIG_WARNING event,
+                    # so the file holds only the connection events below.
                     sys.executable, "-m", "streams", "run", "--dispatcher", "simulated",
-                    "--trusted-signer", BOB_SS58,  # no CONFIG_WARNING event: the file holds only these
                     "--url", sim.url,
                     "--hotkey-uri", "//Alice",
                     "--events", str(events_file),

@@ -23,7 +23,7 @@ pytest.importorskip("channels_redis", reason="the channels extra is not installe
 pytest.importorskip("prometheus_client", reason="the prometheus extra is not installed (make test installs it)")
 
 from streams.devtools.simulator import FacilitatorSimulator
-from tests.helpers import ALICE, FULL_SEQUENCE
+from tests.helpers import ALICE, BOB, FULL_SEQUENCE
 from tests.redis_fixtures import ROOT, RedisServer, free_port
 from tests.test_integrations_channels import Peer, peer
 from tests.test_integrations_prometheus import scrape, value
@@ -59,7 +59,8 @@ async def test_run_with_the_channel_layer_and_prometheus(tmp_path: Path, redis_s
         async with FacilitatorSimulator(seed=51) as sim:
             with stderr_file.open("wb") as err:
                 proc = await asyncio.create_subprocess_exec(
-                    *run_cmd("--url", sim.url, "--hotkey-uri", "//Alice", "--backoff-base", "0.01",
+                    *run_cmd("--url", sim.url, "--hotkey-uri", "//Alice", "--trusted-signer", BOB.ss58_address,
+                             "--backoff-base", "0.01",
                              "--backoff-cap", "0.05", "--channel-layer", redis_server.url, "--spec-source", "channels",
                              "--dispatcher", "channels:tests.channels_host:route_job", "--prometheus-port", str(port)),
                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,

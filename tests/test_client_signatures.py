@@ -14,6 +14,7 @@ from streams.devtools.simulator import FacilitatorSimulator
 from streams.protocol import JobStatus, V0JobCheated, V2JobRequest
 from tests.helpers import ALICE, fast_config, running_client, wait_until
 from tests.signing import BOB, cheat_body, job_body, sign_cheat, sign_job
+from tests.test_monitor import assert_event_shape
 
 CHARLIE = Keypair.create_from_uri("//Charlie")
 
@@ -52,7 +53,7 @@ async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_disp
                     "rejected_by": "validator",
                     "reason": "invalid_signature",
                     "message": f"signatory {CHARLIE.ss58_address} is neither this validator's hotkey nor a "
-                    "trusted signatory",
+                    "trusted signatory (to run its jobs, add it to trusted_signatories / run --trusted-signer)",
                 }
             }
             assert sim.stored[trusted["uuid"]][-1] == sim.stored[own["uuid"]][-1] == "completed"
@@ -63,7 +64,7 @@ async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_disp
             assert event.data["signatory"] == CHARLIE.ss58_address
             assert run.counters["jobs.rejected"] == 1
             assert run.counters["jobs.dispatched"] == 2
-            assert not run.events_of("CONFIG_WARNING")  # trusted signatories are configured
+            assert not run.events_of("CONFIG_WARNING")  # verification is on
 
 
 @pytest.mark.parametrize(
@@ -115,22 +116,68 @@ async def test_cheat_reports_that_fail_verification_are_events_not_on_cheat_call
             assert run.counters["cheat.rejected"] == 2
 
 
-async def test_no_trusted_signatories_accepts_any_valid_signatory_and_warns_once(
+async def test_with_no_trusted_signatories_only_jobs_signed_by_the_own_hotkey_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The safe default: a valid signature from another key (even the facilitator's signer) is not enough."""
     dispatcher = Recorder()
-    caplog.set_level(logging.WARNING, logger="streams.client")
+    caplog.set_level(logging.INFO, logger="streams.client")
     async with FacilitatorSimulator(seed=34) as sim:
         async with running_client(fast_config(sim.url, trusted_signatories=()), dispatcher) as run:
             await wait_until(lambda: run.client.is_connected, 5, "connected")
-            job = await _send(sim, sign_job(job_body(), CHARLIE))
-            await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 10, "completed")
+            foreign = [await _send(sim, sign_job(job_body(), key)) for key in (CHARLIE, BOB)]
+            own = await _send(sim, sign_job(job_body(), ALICE))  # the validator's own hotkey
+            await sim.wait_for(lambda: sim.stored[own["uuid"]][-1] == "completed", 10, "own job completed")
+            await sim.wait_for(lambda: all(sim.stored[j["uuid"]][-1] == "rejected" for j in foreign), 10, "rejected")
             await sim.drop()
             await wait_until(lambda: len(run.events_of("CONNECTED")) == 2, 5, "reconnected")
-    (warning,) = run.events_of("CONFIG_WARNING")
-    assert warning.subtype == "any_signatory_accepted"
-    assert [r.message for r in caplog.records if "trusted signatories" in r.message] == [warning.description]
-    assert dispatcher.jobs == [job["uuid"]]
+    assert dispatcher.jobs == [own["uuid"]]
+    assert sim.stored[own["uuid"]] == ["sent", "received", "completed"]
+    for job, key in zip(foreign, (CHARLIE, BOB), strict=True):
+        assert sim.stored[job["uuid"]] == ["sent", "rejected"]
+        assert sim.stored_metadata[job["uuid"]][-1] == {
+            "job_rejection_details": {
+                "rejected_by": "validator",
+                "reason": "invalid_signature",
+                "message": f"signatory {key.ss58_address} is neither this validator's hotkey nor a trusted "
+                "signatory (to run its jobs, add it to trusted_signatories / run --trusted-signer)",
+            }
+        }
+    rejected = run.events_of("JOB_REJECTED")
+    assert [(e.subtype, e.data["job_uuid"], e.data["signatory"]) for e in rejected] == [
+        ("untrusted_signatory", job["uuid"], key.ss58_address) for job, key in zip(foreign, (CHARLIE, BOB), strict=True)
+    ]
+    assert run.counters["jobs.rejected"] == 2 and run.counters["jobs.dispatched"] == 1
+    # Said once at start, at INFO, with what to configure; the safe default is no CONFIG_WARNING event.
+    assert not run.events_of("CONFIG_WARNING")
+    said = [r for r in caplog.records if r.name == "streams.client" and "trusted signatories" in r.message]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert "only jobs signed by this validator's own hotkey will run" in said[0].message
+    assert "trusted_signatories" in said[0].message and "--trusted-signer" in said[0].message
+
+
+async def test_with_no_trusted_signatories_only_cheat_reports_signed_by_the_own_hotkey_reach_on_cheat() -> None:
+    seen: list[V0JobCheated] = []
+
+    async def on_cheat(report: V0JobCheated) -> None:
+        seen.append(report)
+
+    async with FacilitatorSimulator(seed=37) as sim:
+        async with running_client(fast_config(sim.url, trusted_signatories=()), on_cheat=on_cheat) as run:
+            await wait_until(lambda: run.client.is_connected, 5, "connected")
+            foreign = [sign_cheat(cheat_body(), key) for key in (CHARLIE, BOB)]
+            own = sign_cheat(cheat_body(), ALICE)
+            for report in (*foreign, own):  # handled in order: the foreign ones are refused before `own` arrives
+                await sim.send_raw(json.dumps(report))
+            await wait_until(lambda: len(seen) == 1, 5, "the own hotkey's report handled")
+            assert [r.job_uuid for r in seen] == [own["job_uuid"]]
+            rejected = run.events_of("CHEAT_REJECTED")
+            assert [(e.subtype, e.data["job_uuid"], e.data["signatory"]) for e in rejected] == [
+                ("untrusted_signatory", report["job_uuid"], key.ss58_address)
+                for report, key in zip(foreign, (CHARLIE, BOB), strict=True)
+            ]
+            assert all("neither this validator's hotkey nor a trusted signatory" in e.data["message"] for e in rejected)
+            assert run.counters["cheat.rejected"] == 2
 
 
 async def test_verify_signatures_false_runs_unsigned_jobs_and_says_so_loudly(
@@ -145,6 +192,7 @@ async def test_verify_signatures_false_runs_unsigned_jobs_and_says_so_loudly(
             await sim.wait_for(lambda: sim.stored[job["uuid"]][-1] == "completed", 10, "completed")
     (warning,) = run.events_of("CONFIG_WARNING")
     assert warning.subtype == "signatures_not_verified"
+    assert_event_shape(warning)
     assert any("verification is OFF" in r.message for r in caplog.records)
     assert run.client._verifier is None
 
@@ -171,8 +219,9 @@ def test_flipping_a_signature_bit_of_a_signed_job_is_caught_by_the_helper() -> N
     from streams.signatures import SignatureVerifier
 
     signed = sign_job(job_body())
-    assert SignatureVerifier().verify_job(decode(json.dumps(signed))).ok  # type: ignore[arg-type]
+    bob = SignatureVerifier(trusted_signatories=[BOB.ss58_address])
+    assert bob.verify_job(decode(json.dumps(signed))).ok  # type: ignore[arg-type]
     raw = bytearray(base64.b64decode(signed["signature"]["signature"]))
     raw[0] ^= 1
     broken = {**signed, "signature": {**signed["signature"], "signature": base64.b64encode(bytes(raw)).decode()}}
-    assert not SignatureVerifier().verify_job(decode(json.dumps(broken))).ok  # type: ignore[arg-type]
+    assert not bob.verify_job(decode(json.dumps(broken))).ok  # type: ignore[arg-type]

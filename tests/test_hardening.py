@@ -204,6 +204,8 @@ async def test_run_prints_a_start_line_and_connect_failures_with_cause_and_retry
     async with cli("run", "--url", f"ws://127.0.0.1:{port}/ws/v0/", *AS_ALICE) as run:
         start = await run.wait_line("connecting to")
         assert f"ws://127.0.0.1:{port}/ws/v0/" in start and ALICE.ss58_address in start
+        # No --trusted-signer: the safe default, said in the start line with what to change.
+        assert "jobs signed by this hotkey only (trust others with --trusted-signer)" in start, start
         failed = await run.wait_line("CONNECT_FAILED")
         assert "ConnectionRefusedError" in failed and re.search(r"retrying in \d+\.\d s", failed), failed
         rc, _ = await run.interrupt()
@@ -604,7 +606,7 @@ async def test_sigint_with_a_backlog_that_is_never_answered_exits_promptly_with_
     events = tmp_path / "events.jsonl"
     async with FacilitatorSimulator(seed=12, accept_unknown_jobs=True) as sim:
         async with cli(
-            "run", "--url", sim.url, *AS_ALICE, "--step-delay", "0",
+            "run", "--url", sim.url, *AS_ALICE, "--step-delay", "0", "--trusted-signer", BOB.ss58_address,
             "--events", str(events), *mode,
         ) as run:
             await sim.wait_for(lambda: sim.authenticated_connections == 1, 20, "the CLI authenticated")

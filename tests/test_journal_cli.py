@@ -13,13 +13,15 @@ import pytest
 
 from streams.devtools.simulator import FacilitatorSimulator
 from streams.journal import Journal, summarize
-from tests.helpers import ALICE
+from tests.helpers import ALICE, BOB
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "00000000-0000-4000-8000-00000000000a"
 
 RUN_KEYS = ("--hotkey-uri", "//Alice", "--dispatcher", "simulated")
+TRUST_SIM = ("--trusted-signer", BOB.ss58_address)
+"""The simulator signs its jobs with //Bob: trusted where they must run (by default only own jobs do)."""
 
 
 
@@ -42,7 +44,7 @@ class Run:
     """`python -m streams run` in the background, stopped by SIGINT."""
 
     def __init__(self, url: str, *extra: str) -> None:
-        self.args = ["run", "--url", url, *RUN_KEYS, "--step-delay", "0", *extra]
+        self.args = ["run", "--url", url, *RUN_KEYS, *TRUST_SIM, "--step-delay", "0", *extra]
         self.proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Run:

@@ -446,8 +446,11 @@ async def test_the_real_client_receives_the_same_inbound_sequence(
     first_connection = [f.frame for f in seen.frames("in") if f.conn == 1]
     assert first_connection == [SUCCESS_FRAME, *(f.frame for f in playback_frames(capture))]
     assert server.received[0] == next(f.frame for f in seen.frames("out") if f.conn == 1)  # its auth request
-    # The client dispatched the recorded job requests and reported on them.
-    assert any('"V0JobStatusUpdate"' in str(frame) for frame in server.received)
+    # The client dispatched the recorded job requests and reported on them: their signer (//Bob) is trusted
+    # in fast_config; by default (own hotkey only) they would all be reported `rejected`.
+    statuses = [orjson.loads(frame) for frame in server.received if '"V0JobStatusUpdate"' in str(frame)]
+    assert statuses and "received" in {s["status"] for s in statuses}
+    assert not [s for s in statuses if s["status"] == "rejected"], statuses
 
 
 # --------------------------------------------------------------------------- the CLI as a process

@@ -33,7 +33,8 @@ CHARLIE = Keypair.create_from_uri("//Charlie")
 GOLDEN_JOBS = captured_inbound("V2JobRequest")
 GOLDEN_CHEATS = captured_inbound("V0JobCheated")
 GOLDEN = GOLDEN_JOBS + GOLDEN_CHEATS
-ANYONE = SignatureVerifier()
+SIGNERS = SignatureVerifier(own_hotkey=ALICE.ss58_address, trusted_signatories=[BOB.ss58_address])
+"""Trusts //Alice (the own hotkey) and //Bob (the capture's signer): the checks below are cryptographic."""
 
 
 def _verify(verifier: SignatureVerifier, message: V2JobRequest | V0JobCheated) -> Any:
@@ -61,7 +62,7 @@ def test_the_capture_has_the_signed_frames() -> None:
 
 @pytest.mark.parametrize("frame", GOLDEN, ids=[f"frame{i}" for i in range(len(GOLDEN))])
 def test_every_real_job_request_and_cheat_report_verifies(frame: str) -> None:
-    result = _verify(ANYONE, _decoded(frame))
+    result = _verify(SIGNERS, _decoded(frame))
     assert result.ok, result.message
     assert result.signatory == BOB.ss58_address  # the capture's jobs are signed by //Bob
     assert SignatureVerifier(trusted_signatories=[BOB.ss58_address]).verify_job(_decoded(GOLDEN_JOBS[0])).ok
@@ -121,7 +122,7 @@ def test_signed_fields_are_written_exactly_as_protocol_md_says() -> None:
     job = _decoded(sign_job(body))
     assert isinstance(job, V2JobRequest)
     assert job_signed_payload(job) == expected
-    assert ANYONE.verify_job(job).ok
+    assert SIGNERS.verify_job(job).ok
 
 
 def test_a_single_volume_and_upload_are_signed_as_one_element_lists() -> None:
@@ -140,7 +141,7 @@ def test_a_single_volume_and_upload_are_signed_as_one_element_lists() -> None:
 def test_fields_the_facilitator_adds_later_are_not_signed_and_do_not_break_verification() -> None:
     signed = sign_job(job_body())
     later = {**signed, "new_top_level": {"x": 1}, "job_namespace": "ns"}
-    assert ANYONE.verify_job(_decoded(later)).ok
+    assert SIGNERS.verify_job(_decoded(later)).ok
 
 
 # ----------------------------------------------------------------------------- tampering
@@ -166,7 +167,7 @@ def _check_tamper(original: str, tampered: str) -> bool:
     if not isinstance(message, V2JobRequest | V0JobCheated):
         return False
     changed = _signed_content(message) != _signed_content(_decoded(original))
-    result = _verify(ANYONE, message)
+    result = _verify(SIGNERS, message)
     if changed:
         assert not result.ok, f"tampered frame verified: {tampered}"
     else:  # only unsigned bytes changed (uuid, job_namespace, key order...): still verifies
@@ -228,7 +229,7 @@ JOB_FIELD_TAMPERS: list[tuple[str, Any]] = [
 )
 @pytest.mark.parametrize("frame", GOLDEN_JOBS, ids=[f"job{i}" for i in range(len(GOLDEN_JOBS))])
 def test_each_signed_field_tamper_of_a_real_job_fails(frame: str, field: str, value: Any) -> None:
-    result = ANYONE.verify_job(_decoded(_tampered(frame, **{field: value})))
+    result = SIGNERS.verify_job(_decoded(_tampered(frame, **{field: value})))
     assert result.failure is SignatureFailure.INVALID
     assert "signed fields do not match" in result.message
 
@@ -263,14 +264,14 @@ def _flip_signature_byte(frame: str) -> str:
 def test_each_signature_tamper_fails_and_says_why(
     frame: str, changes: dict[str, Any], failure: SignatureFailure, says: str
 ) -> None:
-    result = _verify(ANYONE, _decoded(_tampered(frame, **changes)))
+    result = _verify(SIGNERS, _decoded(_tampered(frame, **changes)))
     assert result.failure is failure
     assert says in result.message
 
 
 @pytest.mark.parametrize("frame", GOLDEN, ids=[f"frame{i}" for i in range(len(GOLDEN))])
 def test_one_flipped_signature_bit_fails(frame: str) -> None:
-    result = _verify(ANYONE, _decoded(_tampered(frame, sig_signature=_flip_signature_byte(frame))))
+    result = _verify(SIGNERS, _decoded(_tampered(frame, sig_signature=_flip_signature_byte(frame))))
     assert result.failure is SignatureFailure.INVALID
 
 
@@ -280,7 +281,7 @@ def test_one_flipped_signature_bit_fails(frame: str) -> None:
      ("details", None)],
 )
 def test_each_field_tamper_of_the_real_cheat_report_fails(field: str, value: Any) -> None:
-    result = ANYONE.verify_cheat(_decoded(_tampered(GOLDEN_CHEATS[0], **{field: value})))
+    result = SIGNERS.verify_cheat(_decoded(_tampered(GOLDEN_CHEATS[0], **{field: value})))
     assert result.failure is SignatureFailure.INVALID
 
 
@@ -288,7 +289,7 @@ def test_the_facilitators_args_whitespace_bug_is_rejected_as_a_signed_fields_mis
     """It strips each args item after the signature was made: the job no longer verifies."""
     signed = sign_job(job_body(args=[" --hello ", "world\n"]))
     arrived = {**signed, "args": ["--hello", "world"]}
-    result = ANYONE.verify_job(_decoded(arrived))
+    result = SIGNERS.verify_job(_decoded(arrived))
     assert result.failure is SignatureFailure.INVALID
     assert result.message.startswith("the signed fields do not match the signature")
 
@@ -300,7 +301,7 @@ def test_the_facilitators_args_whitespace_bug_is_rejected_as_a_signed_fields_mis
 @pytest.mark.parametrize("details", [{"reason": "x", "n": [1, 2.5]}, "plain text", 3, ["a"], None])
 def test_cheat_reports_verify_in_either_form_with_any_details(dict_form: bool, details: Any) -> None:
     report = _decoded(sign_cheat(cheat_body(details=details), dict_form=dict_form))
-    assert ANYONE.verify_cheat(report).ok
+    assert SIGNERS.verify_cheat(report).ok
 
 
 def test_a_cheat_report_without_details_was_signed_as_details_null() -> None:
@@ -308,25 +309,48 @@ def test_a_cheat_report_without_details_was_signed_as_details_null() -> None:
     del signed["details"]  # what the facilitator sends when the SDK had none
     report = _decoded(signed)
     assert isinstance(report, V0JobCheated) and report.details is None
-    assert ANYONE.verify_cheat(report).ok
-    assert ANYONE.verify_cheat(_decoded({**signed, "details": {}})).failure is SignatureFailure.INVALID
+    assert SIGNERS.verify_cheat(report).ok
+    assert SIGNERS.verify_cheat(_decoded({**signed, "details": {}})).failure is SignatureFailure.INVALID
 
 
 # ----------------------------------------------------------------------------- trust and freshness
 
 
-def test_trust_own_hotkey_and_trusted_signatories_only_once_any_are_configured() -> None:
+def test_trust_own_hotkey_and_trusted_signatories_only() -> None:
     by_charlie = _decoded(sign_job(job_body(), CHARLIE))
     by_alice = _decoded(sign_job(job_body(), ALICE))
     policy = SignatureVerifier(own_hotkey=ALICE.ss58_address, trusted_signatories=[BOB.ss58_address])
-    assert not policy.accepts_any
+    assert not policy.only_own_hotkey
     assert policy.verify_job(_decoded(GOLDEN_JOBS[0])).ok
     assert policy.verify_job(by_alice).ok
     refused = policy.verify_job(by_charlie)
     assert refused.failure is SignatureFailure.UNTRUSTED
     assert CHARLIE.ss58_address in refused.message and refused.signatory == CHARLIE.ss58_address
-    anyone = SignatureVerifier(own_hotkey=ALICE.ss58_address)
-    assert anyone.accepts_any and anyone.verify_job(by_charlie).ok
+
+
+@pytest.mark.parametrize("own", [ALICE.ss58_address, ALICE.public_key], ids=["ss58", "public-key"])
+def test_with_no_trusted_signatories_only_the_own_hotkey_is_trusted(own: str | bytes) -> None:
+    """The safe default: a valid signature from anyone else is refused, saying what to configure."""
+    only_own = SignatureVerifier(own_hotkey=own)
+    assert only_own.only_own_hotkey
+    assert only_own.verify_job(_decoded(sign_job(job_body(), ALICE))).ok
+    assert only_own.verify_cheat(_decoded(sign_cheat(cheat_body(), ALICE))).ok
+    for foreign in (_decoded(sign_job(job_body(), CHARLIE)), _decoded(GOLDEN_JOBS[0]), _decoded(GOLDEN_CHEATS[0])):
+        refused = _verify(only_own, foreign)
+        assert refused.failure is SignatureFailure.UNTRUSTED, refused
+        assert refused.signatory in refused.message and "trusted_signatories" in refused.message
+        assert "--trusted-signer" in refused.message
+    # Trusting only yourself explicitly is the same policy.
+    assert SignatureVerifier(own_hotkey=own, trusted_signatories=[ALICE.ss58_address]).only_own_hotkey
+
+
+def test_a_verifier_that_would_trust_nobody_is_refused() -> None:
+    for empty in ({}, {"trusted_signatories": ()}, {"trusted_signatories": []}, {"max_age": 60}):
+        with pytest.raises(ValueError, match="needs own_hotkey or at least one of trusted_signatories"):
+            SignatureVerifier(**empty)
+    with pytest.raises(ValueError, match="own_hotkey: 'nope' is not a valid ss58 address"):
+        SignatureVerifier(own_hotkey="nope")
+    assert not SignatureVerifier(trusted_signatories=[BOB.ss58_address]).only_own_hotkey  # a whitelist alone is fine
 
 
 def test_an_untrusted_signatory_is_refused_even_with_a_broken_signature_and_a_trusted_one_is_still_checked() -> None:
@@ -339,7 +363,7 @@ def test_an_invalid_trusted_signatory_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"trusted_signatories\[1\]: 'nope' is not a valid ss58 address"):
         SignatureVerifier(trusted_signatories=[BOB.ss58_address, "nope"])
     with pytest.raises(ValueError, match="max_age"):
-        SignatureVerifier(max_age=0)
+        SignatureVerifier(own_hotkey=ALICE.ss58_address, max_age=0)
 
 
 def test_freshness_bound_refuses_old_and_future_timestamps() -> None:
@@ -347,12 +371,13 @@ def test_freshness_bound_refuses_old_and_future_timestamps() -> None:
     fresh = _decoded(sign_job(job_body(), timestamp_ns=now - 5 * 10**9))
     old = _decoded(sign_job(job_body(), timestamp_ns=now - 61 * 10**9))
     future = _decoded(sign_job(job_body(), timestamp_ns=now + 61 * 10**9))
-    bounded = SignatureVerifier(max_age=60, clock_ns=lambda: now)
+    bounded = SignatureVerifier(trusted_signatories=[BOB.ss58_address], max_age=60, clock_ns=lambda: now)
     assert bounded.verify_job(fresh).ok
     stale = bounded.verify_job(old)
     assert stale.failure is SignatureFailure.STALE and "61.0 s old" in stale.message
     assert bounded.verify_job(future).failure is SignatureFailure.STALE
-    assert SignatureVerifier(clock_ns=lambda: now).verify_job(old).ok  # no bound by default
+    unbounded = SignatureVerifier(trusted_signatories=[BOB.ss58_address], clock_ns=lambda: now)
+    assert unbounded.verify_job(old).ok  # no bound by default
     report = _decoded(sign_cheat(cheat_body(), timestamp_ns=now - 61 * 10**9))
     assert bounded.verify_cheat(report).failure is SignatureFailure.STALE
 
@@ -361,4 +386,4 @@ def test_signature_helper_signs_arbitrary_payloads() -> None:
     """The tests' signing helper itself: a signature over another payload does not verify."""
     body = job_body()
     other = {**body, "signature": signature(BOB, "something else")}
-    assert ANYONE.verify_job(_decoded(other)).failure is SignatureFailure.INVALID
+    assert SIGNERS.verify_job(_decoded(other)).failure is SignatureFailure.INVALID

@@ -155,7 +155,10 @@ async def run(
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keypair = Keypair.create_from_uri(os.environ.get("HOTKEY_URI", "//Alice"))  # validator: BITTENSOR_WALLET().hotkey
-    config = ClientConfig(url=os.environ["FACILITATOR_URL"])
+    # The ValidatorWhitelist (ss58 addresses, space-separated): who may sign jobs besides this hotkey. Empty: only
+    # jobs signed by this hotkey run; name the facilitator's signer to run its jobs.
+    trusted = tuple(os.environ.get("TRUSTED_SIGNATORIES", "").split())
+    config = ClientConfig(url=os.environ["FACILITATOR_URL"], trusted_signatories=trusted)
     port = os.environ.get("PROMETHEUS_PORT")
     try:
         asyncio.run(run(config, keypair, os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),

@@ -76,8 +76,14 @@ class StatusLines:
         self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}
 
-    def started(self, url: str, who: str, dispatcher: str) -> None:
-        self._log.info("connecting to %s as %s (dispatcher: %s); Ctrl-C stops", url, who, dispatcher)
+    def started(self, url: str, who: str, dispatcher: str, trusted: int = 0) -> None:
+        """The start line; ``trusted``: how many signers besides this hotkey may sign jobs."""
+        signers = (
+            "jobs signed by this hotkey only (trust others with --trusted-signer)"
+            if trusted == 0
+            else f"jobs signed by this hotkey or {trusted} trusted signer{'s' * (trusted != 1)}"
+        )
+        self._log.info("connecting to %s as %s (dispatcher: %s; %s); Ctrl-C stops", url, who, dispatcher, signers)
 
     def __call__(self, event: SystemEvent) -> None:
         level = _CONNECTION.get(event.type)

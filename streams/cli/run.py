@@ -49,7 +49,10 @@ def register(sub: Any) -> dict[str, Command]:
     )
     run.add_argument("--step-delay", type=non_negative, default=None,
                      help="--dispatcher simulated only: seconds per step (default 0.5)")
-    trust = run.add_argument_group("who may sign jobs besides this validator's hotkey (none given: anyone, warned)")
+    trust = run.add_argument_group(
+        "who may sign jobs besides this validator's hotkey (none given: only jobs signed by this hotkey run; "
+        "trust the facilitator's signer to run its jobs)"
+    )
     trust.add_argument("--trusted-signer", action="append", default=[], metavar="SS58", help="repeatable")
     trust.add_argument("--trusted-signers-file", type=Path, metavar="PATH", help="one ss58 per line, # comments")
     trust.add_argument("--signature-max-age", type=positive, metavar="SECONDS", help="refuse older job signatures")
@@ -223,9 +226,10 @@ async def _run(args: argparse.Namespace) -> None:
         client.events.subscribe(events.write)
     status = _status_lines(args)
     client.events.subscribe(status)
+    others = sum(address != _who(signer) for address in config.trusted_signatories)  # who else may sign jobs
     # Said at the first connection attempt: after the start's own checks (the journal), which may refuse it.
     client.state.pipe(ops.filter(lambda state: state is ConnectionState.CONNECTING), ops.take(1)).subscribe(
-        lambda _: status.started(config.url, _who(signer), args.dispatcher)
+        lambda _: status.started(config.url, _who(signer), args.dispatcher, others)
     )
     try:
         plumbing.attach(client)
