@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -217,8 +218,8 @@ class Depth:
         return self.held + self.wire + self.in_flight
 
 
-def _size_of(envelope: Envelope) -> int:
-    return envelope.size
+_size_of: Callable[[Envelope], int] = Envelope.size.fget  # type: ignore[attr-defined]
+_policy_of: Callable[[Envelope], HoldPolicy] = operator.attrgetter("policy")
 
 
 def _is_connected(state: ConnectionState) -> bool:
@@ -287,6 +288,7 @@ class MessageManager:
         self._broken_connection = -1
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
+        self._draining = 0  # drain() calls waiting on _changed (set per change only while there are any)
         self._subscriptions = CompositeDisposable()
         self._started = False
         self._task: asyncio.Task[None] | None = None
@@ -432,7 +434,7 @@ class MessageManager:
         outbox = reactivex.Observable(merged).pipe(
             hold_while_disconnected(
                 self._gate,
-                lambda envelope: envelope.policy,
+                _policy_of,
                 max_count=self._config.outbox_max_messages,
                 max_bytes=self._config.outbox_max_bytes,
                 max_bounded=self._config.max_pending_specs,
@@ -503,7 +505,11 @@ class MessageManager:
                     if not self._connection.is_connected:
                         return False
                     self._changed.clear()
-                    await self._changed.wait()
+                    self._draining += 1
+                    try:
+                        await self._changed.wait()
+                    finally:
+                        self._draining -= 1
         except TimeoutError:
             return False
         return True
@@ -634,7 +640,8 @@ class MessageManager:
         depth = Depth(self._held, self._held_bytes, len(self._wire), self._in_flight)
         if depth != self._depth.value:
             self._depth.on_next(depth)
-        self._changed.set()
+        if self._draining:
+            self._changed.set()
 
     def _publish_depth_soon(self) -> None:
         """Sends and acks change the depth once per frame, in bursts: publish once per loop iteration.
@@ -642,7 +649,8 @@ class MessageManager:
         (Publishing per frame, with the monitor's gauges behind it, was ~10% of the CPU per status
         update in the throughput benchmark.) ``current_depth`` and ``drain()`` stay exact meanwhile.
         """
-        self._changed.set()
+        if self._draining:
+            self._changed.set()
         if not self._depth_soon:
             try:
                 loop = asyncio.get_running_loop()

@@ -62,7 +62,9 @@ class SafeSubject(Subject[T]):
         if self.is_disposed:
             self.check_disposed()
         if not self.is_stopped:
-            _deliver(self.observers.copy(), value, self.on_subscriber_error)
+            observers = self.observers
+            # One observer (the inbound frames' router, per frame): no snapshot needed.
+            _deliver(observers if len(observers) == 1 else observers.copy(), value, self.on_subscriber_error)
 
 
 class SafeBehaviorSubject(BehaviorSubject[T]):
