@@ -148,6 +148,7 @@ BOUNDS: dict[str, Bound] = {
     "max_pending_specs": Bound(int, 1, 1_000_000, "messages"),
     "max_in_flight": Bound(int, 1, 1_000_000, "messages"),
     "wire_queue_size": Bound(int, 1, 1_000_000, "frames"),
+    "send_batch_size": Bound(int, 1, 1_000_000, "frames"),
     "drain_timeout": Bound(float, 0.0, 3600.0, "seconds"),
     "cancel_drain_timeout": Bound(float, 0.0, 60.0, "seconds"),
     "max_concurrent_jobs": Bound(int, 1, 1_000_000, "jobs", optional=True),
@@ -253,6 +254,9 @@ class ClientConfig:
     wire_queue_size: int = 256
     """Frames released from the outbox to the send loop at once (backpressure watermark);
     [1, 1,000,000], default 256."""
+    send_batch_size: int = 64
+    """Frames ready to go at once are written as one batch of at most this many (one write through
+    the websocket instead of one per frame; 1 = a write per frame); [1, 1,000,000], default 64."""
 
     drain_timeout: float = 5.0
     """stop(): how long to keep sending the outbox when connected; [0, 3600] seconds, default 5."""

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NoReturn
@@ -244,6 +244,12 @@ class ConnectionManager:
         if self._state.value is not ConnectionState.CONNECTED:
             return _raise(TransportClosed(CloseInfo(None, "not connected", None)))
         return self._transport.send(frame)
+
+    def send_many(self, frames: Sequence[str]) -> Coroutine[Any, Any, None]:
+        """``send`` for several frames, in order, as one write where the transport can."""
+        if self._state.value is not ConnectionState.CONNECTED:
+            return _raise(TransportClosed(CloseInfo(None, "not connected", None)))
+        return self._transport.send_many(frames)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -461,7 +461,13 @@ class MessageManager:
         return self._task
 
     async def _send_loop(self) -> None:
-        """The only writer of frames. Runs until ``stop()`` cancels it."""
+        """The only writer of frames. Runs until ``stop()`` cancels it.
+
+        Whatever is ready goes out as one batch (up to ``send_batch_size``): taken, counted as sent
+        and, for status updates, put in flight in one synchronous step, then written with one
+        ``send_many`` (a backlog costs one websocket write per batch, not per frame).
+        """
+        batch_size = self._config.send_batch_size
         while True:
             envelope = self._next_ready()
             if envelope is None:
@@ -469,29 +475,46 @@ class MessageManager:
                 await self._wake.wait()
                 continue
             connection_id = self._connection.connection_id
-            envelope.sends += 1
-            envelope.sent_at = self._clock()
-            if envelope.expects_ack:
-                self._in_flight += 1
-                self._for_ack.on_next(envelope)
+            now = self._clock()
+            batch = [envelope]
+            while True:
+                envelope.sends += 1
+                envelope.sent_at = now
+                if envelope.expects_ack:
+                    self._in_flight += 1  # before the next _next_ready(): the window counts this one
+                    self._for_ack.on_next(envelope)
+                if len(batch) == batch_size:
+                    break
+                envelope = self._next_ready()
+                if envelope is None:
+                    break
+                batch.append(envelope)
             self._writing = True
             try:
-                await self._connection.send(envelope.frame)
+                if len(batch) == 1:
+                    await self._connection.send(batch[0].frame)
+                else:
+                    await self._connection.send_many([envelope.frame for envelope in batch])
             except TransportClosed:
                 # The connection is dead; its reader will notice. Unacknowledged status updates come
                 # back through match_acks; anything else goes back to the front, in order.
                 self._broken_connection = connection_id
-                self._send_failed.on_next(envelope)
-                if not envelope.expects_ack and envelope.policy is not HoldPolicy.KEEP_LATEST:
-                    envelope.sends -= 1
-                    self._wire.appendleft(envelope)
+                back = []
+                for envelope in batch:
+                    self._send_failed.on_next(envelope)
+                    if not envelope.expects_ack and envelope.policy is not HoldPolicy.KEEP_LATEST:
+                        envelope.sends -= 1
+                        back.append(envelope)
+                self._wire.extendleft(reversed(back))
                 self._publish_depth()
                 continue
             finally:
                 self._writing = False
-            if envelope.seq and not envelope.expects_ack and self._journal is not None:
-                self._journal.answered(envelope.seq)  # a spec update is never answered: done once written
-            self._sent.on_next(Sent(envelope, envelope.sent_at, connection_id))
+            journal = self._journal
+            for envelope in batch:
+                if envelope.seq and journal is not None and not envelope.expects_ack:
+                    journal.answered(envelope.seq)  # a spec update is never answered: done once written
+                self._sent.on_next(Sent(envelope, now, connection_id))
             # A send only shrinks the wire queue: only a closed gate can change, and only below half.
             if len(self._wire) < self._reopen_below and not self._gate.value:
                 self._update_gate()

@@ -67,8 +67,11 @@ async def test_chaos_200_jobs_lose_nothing_and_keep_order() -> None:
         for conn_id, job_uuid, status in status_frames(sim):
             per_update[(job_uuid, status)].append(conn_id)
         resent = sum(len(conns) - 1 for conns in per_update.values())
-        # Frames written into a stalled socket never arrive, so the client resends at least these.
-        assert 0 < resent <= run.counters.get("messages.resent.V0JobStatusUpdate", 0)
+        # Every fault leaves updates in flight, so the client resends some. The facilitator sees a second
+        # copy only of those it stored but whose Response was lost (a timing matter: from 0 to hundreds);
+        # frames written into a stalled socket never arrive. So it never sees more copies than were resent.
+        resends = run.counters.get("messages.resent.V0JobStatusUpdate", 0)
+        assert resends > 0 and resent <= resends
         assert faults >= 5, f"chaos injected only {faults} faults"
         assert run.counters["connect.successes"] >= 5
         assert_auth_first(sim)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -107,6 +107,8 @@ class FakeConnection:
         self.paused: asyncio.Event | None = None
         self.on_write: Callable[[str], None] | None = None
         self.answer: Response | None = None
+        self.batches: list[list[str]] = []
+        """The labels of each ``send_many`` call (a batch of two or more frames), in order."""
 
     @property
     def state(self) -> BehaviorSubject[ConnectionState]:
@@ -142,6 +144,25 @@ class FakeConnection:
         answer = self.answer
         if answer is not None and label(frame).startswith("status"):
             asyncio.get_running_loop().call_soon(self._responses.on_next, answer)
+
+    async def send_many(self, frames: Sequence[str]) -> None:
+        """One batch: every frame is attempted, then they are written together or the batch fails."""
+        self.batches.append([label(frame) for frame in frames])
+        connection_id = self.connection_id
+        for frame in frames:
+            self.attempts.append((connection_id, frame))
+            if self.on_write is not None:
+                self.on_write(frame)
+        if self.paused is not None:
+            await self.paused.wait()
+        else:
+            await asyncio.sleep(0)
+        if self.dying or not self.is_connected or connection_id != self.connection_id:
+            raise TransportClosed(CloseInfo(1006, "connection lost", None))
+        for frame in frames:
+            self.written.append((connection_id, frame))
+            if self.answer is not None and label(frame).startswith("status"):
+                asyncio.get_running_loop().call_soon(self._responses.on_next, self.answer)
 
     def labels(self, connection_id: int) -> list[str]:
         """What was written on one connection, in order."""
@@ -356,15 +377,19 @@ async def test_a_heartbeat_whose_write_fails_is_not_resent_on_the_next_connectio
         assert box.messages.current_depth.pending == 0
 
 
-async def test_a_write_failing_after_the_state_changed_is_retried_on_the_next_connection() -> None:
-    async with running() as box:
+@pytest.mark.parametrize("batch", [1, 64], ids=["a-write-per-frame", "one-batch"])
+async def test_a_write_failing_after_the_state_changed_is_retried_on_the_next_connection(batch: int) -> None:
+    async with running(send_batch_size=batch) as box:
         box.connection.up()
         box.connection.paused = asyncio.Event()
         box.enqueue(spec(1), spec(2))
-        await wait_until(lambda: len(box.connection.attempts) == 1, WAIT, "a write in progress")
+        in_write = 1 if batch == 1 else 2  # spec1 alone, or both specs in one batch
+        await wait_until(lambda: len(box.connection.attempts) == in_write, WAIT, "a write in progress")
+        assert box.connection.batches == ([] if batch == 1 else [["spec1", "spec2"]])
         box.connection.down()
         box.connection.paused.set()
-        await wait_until(lambda: len(box.failed) == 1, WAIT, "the failed write")
+        await wait_until(lambda: len(box.failed) == in_write, WAIT, "the failed write")
+        assert [label(envelope.frame) for envelope in box.failed] == ["spec1", "spec2"][:in_write]
         box.connection.paused = None
         box.connection.up()
         await wait_until(lambda: len(box.connection.labels(2)) == 2, WAIT, "both specs on connection 2")
@@ -487,7 +512,7 @@ async def test_drain_waits_for_a_pending_heartbeat() -> None:
 async def test_the_wire_queue_closes_the_gate_when_full_and_reopens_it_below_half(
     size: int, count: int, expected: list[tuple[int, int]]
 ) -> None:
-    async with running(wire_queue_size=size) as box:
+    async with running(wire_queue_size=size, send_batch_size=1) as box:  # a write per frame: see each step
         seen: list[tuple[int, int]] = []
         box.connection.on_write = lambda _frame: seen.append(
             (box.messages.current_depth.wire, box.messages.current_depth.held)
@@ -499,6 +524,56 @@ async def test_the_wire_queue_closes_the_gate_when_full_and_reopens_it_below_hal
         assert await box.messages.drain(WAIT)
         assert seen == expected
         assert box.connection.labels(1) == [f"spec{n}" for n in range(count)]
+
+
+async def test_a_backlog_goes_out_in_batches_of_what_is_ready_in_order() -> None:
+    # The wire queue holds 4: each batch takes all of it, which reopens the gate for the next 4.
+    async with running(wire_queue_size=4) as box:
+        box.connection.up()
+        box.enqueue(*(spec(n) for n in range(10)))
+        assert await box.messages.drain(WAIT)
+        assert box.connection.batches == [[f"spec{n}" for n in range(start, min(start + 4, 10))] for start in (0, 4, 8)]
+        assert box.connection.labels(1) == [f"spec{n}" for n in range(10)]
+        assert len(box.sent) == 10 and [label(sent.envelope.frame) for sent in box.sent] == box.connection.labels(1)
+
+
+async def test_a_batch_is_at_most_send_batch_size_frames() -> None:
+    async with running(send_batch_size=3) as box:
+        box.connection.up()
+        box.enqueue(*(spec(n) for n in range(7)))
+        assert await box.messages.drain(WAIT)
+        assert box.connection.batches == [["spec0", "spec1", "spec2"], ["spec3", "spec4", "spec5"]]
+        assert box.connection.labels(1) == [f"spec{n}" for n in range(7)]  # spec6 alone: a plain send
+
+
+async def test_a_batch_takes_no_more_status_updates_than_the_ack_window_allows() -> None:
+    async with running(max_in_flight=2) as box:
+        box.connection.up()
+        box.enqueue(status(1), status(2), status(3), spec(1))
+        await wait_until(lambda: len(box.connection.written) == 2, WAIT, "two updates written")
+        assert box.connection.batches == [["status1", "status2"]]
+        assert box.messages.current_depth.in_flight == 2
+        assert box.messages.current_depth.wire == 2  # status3 waits for a slot, and spec1 behind it
+
+
+async def test_a_failed_batch_puts_its_specs_back_in_order_and_its_updates_come_back_unanswered() -> None:
+    async with running() as box:
+        box.connection.up()
+        box.connection.paused = asyncio.Event()
+        box.enqueue(spec(1), status(1), spec(2), status(2))
+        await wait_until(lambda: len(box.connection.attempts) == 4, WAIT, "one batch in progress")
+        box.connection.dying = True
+        box.connection.paused.set()
+        await wait_until(lambda: len(box.failed) == 4, WAIT, "the failed batch")
+        assert [label(envelope.frame) for envelope in box.failed] == ["spec1", "status1", "spec2", "status2"]
+        box.connection.paused = None
+        box.connection.down()
+        box.connection.answer = SUCCESS
+        box.connection.up()
+        assert await box.messages.drain(WAIT)
+        # unanswered status updates first (match_acks), then the specs that were never written
+        assert box.connection.labels(2) == ["status1", "status2", "spec1", "spec2"]
+        assert [envelope.sends for envelope in box.failed] == [1, 2, 1, 2]
 
 
 async def test_the_ack_window_holds_status_updates_until_a_response_frees_a_slot() -> None:

@@ -61,9 +61,10 @@ async def test_records_every_frame_and_connection_change_exactly(tmp_path: Path)
     await peer.close(3001, "")
     with pytest.raises(TransportClosed):
         await transport.recv()
-    # conn 2: the client closes cleanly; a second close records nothing more.
+    # conn 2: a batch, each frame recorded in order; the client closes cleanly; a second close records nothing more.
     await transport.connect()
-    await transport.send("ü unicode ✓")
+    await transport.send_many(["ü unicode ✓", "second"])
+    assert [await peer.recv(), await peer.recv()] == ["ü unicode ✓", "second"]
     await transport.close(1000, "bye")
     await transport.close()
     # conn 3: aborted by the client.
@@ -89,6 +90,7 @@ async def test_records_every_frame_and_connection_change_exactly(tmp_path: Path)
         (1, "close", 3001),
         (2, "open"),
         (2, "out", "ü unicode ✓"),
+        (2, "out", "second"),
         (2, "close", 1000),
         (3, "open"),
         (3, "close", 1006),
@@ -97,12 +99,12 @@ async def test_records_every_frame_and_connection_change_exactly(tmp_path: Path)
         (5, "open"),
         (5, "close", 1000),
     ]
-    close_2 = recording.records[7]
+    close_2 = recording.records[8]
     assert isinstance(close_2, ConnectionEvent) and close_2.reason == "bye"
     times = [r.t for r in recording.records]
     assert times == sorted(times) and times[0] >= 0
     assert b'"frame_b64"' in path.read_bytes()
-    assert recorder.stats.records == 14 and recorder.stats.dropped == 0 and recorder.stats.errors == 0
+    assert recorder.stats.records == 15 and recorder.stats.dropped == 0 and recorder.stats.errors == 0
 
 
 async def test_failed_send_is_recorded_then_the_close(tmp_path: Path) -> None:

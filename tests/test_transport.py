@@ -173,6 +173,49 @@ async def test_abrupt_drop_is_1006(
     assert caught.value.info == info
 
 
+async def test_send_many_sends_each_frame_as_its_own_message_in_one_socket_write(
+    simulator: FacilitatorSimulator, auth_frame: AuthFrame, transports: list[Transport]
+) -> None:
+    transport = await open_authenticated(simulator, auth_frame, transports)
+    ws = transport._conn.ws  # type: ignore[union-attr]
+    writes: list[int] = []  # frames per write call on the asyncio transport
+    real_write, real_writelines = ws.transport.write, ws.transport.writelines
+    inside = False
+
+    def write(data: bytes) -> None:
+        if not inside:  # (asyncio's writelines may join and call write: that is the same one write)
+            writes.append(1)
+        real_write(data)
+
+    def writelines(chunks: list[bytes]) -> None:
+        nonlocal inside
+        writes.append(len(chunks))
+        inside = True
+        try:
+            real_writelines(chunks)
+        finally:
+            inside = False
+
+    ws.transport.write = write  # type: ignore[method-assign]
+    ws.transport.writelines = writelines  # type: ignore[method-assign]
+    frames = [
+        orjson.dumps({"message_type": "V0MachineSpecsUpdate", "miner_hotkey": "5F", "validator_hotkey": "5G",
+                      "specs": {"cpu": {"count": n}, "ram": {}, "hard_disk": {}}, "batch_id": f"b{n}"}).decode()
+        for n in range(3)
+    ]
+    await transport.send_many(frames)
+    assert writes == [3], "three frames, one socket write"
+    await simulator.wait_for(lambda: len(simulator.spec_updates) == 3, 5.0)
+    assert [update["batch_id"] for update in simulator.spec_updates] == ["b0", "b1", "b2"]
+    assert [received.frame for received in simulator.received[-3:]] == frames  # three messages, as sent
+
+    await simulator.drop()
+    info = await recv_closed(transport)
+    with pytest.raises(TransportClosed) as caught:
+        await transport.send_many(frames)
+    assert caught.value.info == info
+
+
 async def test_ten_mib_frames_pass_both_ways(
     simulator: FacilitatorSimulator, auth_frame: AuthFrame, transports: list[Transport]
 ) -> None:
@@ -262,8 +305,9 @@ async def test_wrong_path_is_a_refused_handshake(simulator: FacilitatorSimulator
     assert "HTTP 404" in caught.value.info.reason
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["send", "send_many"])
 async def test_send_that_cannot_complete_times_out(
-    simulator: FacilitatorSimulator, auth_frame: AuthFrame, transports: list[Transport]
+    simulator: FacilitatorSimulator, auth_frame: AuthFrame, transports: list[Transport], many: bool
 ) -> None:
     send_timeout = 0.5
     transport = await open_authenticated(simulator, auth_frame, transports, send_timeout=send_timeout)
@@ -273,7 +317,10 @@ async def test_send_that_cannot_complete_times_out(
     with pytest.raises(TransportClosed) as caught:
         for _ in range(20):  # socket buffers hold a few MiB; a stalled peer fills them at once
             started = time.monotonic()
-            await transport.send(frame)
+            if many:
+                await transport.send_many([frame, frame])
+            else:
+                await transport.send(frame)
     assert time.monotonic() - started < send_timeout + 1.0
     info = caught.value.info
     assert isinstance(info.exception, TimeoutError)

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -403,6 +403,17 @@ class RecordingTransport(Transport):
             self.recorder.record_frame(conn, "out", frame)
         try:
             await self.inner.send(frame)
+        except TransportClosed as exc:
+            self._record_close(exc.info)
+            raise
+
+    async def send_many(self, frames: Sequence[str]) -> None:
+        conn = self._open
+        if conn is not None:
+            for frame in frames:
+                self.recorder.record_frame(conn, "out", frame)
+        try:
+            await self.inner.send_many(frames)
         except TransportClosed as exc:
             self._record_close(exc.info)
             raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from websockets.exceptions import (
@@ -119,6 +119,16 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def send(self, frame: str) -> None:
         """Send one text frame; TransportClosed if the connection has ended or the send timed out."""
+
+    async def send_many(self, frames: Sequence[str]) -> None:
+        """Send text frames in order, each its own message, as one write where the transport can.
+
+        TransportClosed if the connection has ended or the send timed out; then any prefix of the
+        frames may have been sent (as with ``send``, whether the last one arrived is unknown).
+        By default, ``send`` for each frame.
+        """
+        for frame in frames:
+            await self.send(frame)
 
     @abc.abstractmethod
     async def recv(self) -> str | bytes:
