@@ -8,9 +8,10 @@
 
 The hold operator is the outbox: it keeps order, applies the per-type policies and the bounds, and
 reports every drop. The wire queue is a short hand-off (``wire_queue_size``) to the one task that
-writes frames. Heartbeats (KEEP_LATEST) skip both through a one-slot priority lane: they are
-liveness, not data, and must never wait behind a backlog (they are only produced while connected,
-and one left over from a dead connection is discarded as stale). Status updates stay in flight until their Response;
+writes frames, in batches of what is ready (``send_batch_size``: one websocket write per batch).
+Heartbeats (KEEP_LATEST) skip both through a one-slot priority lane: they are liveness, not data,
+and must never wait behind a backlog (they are only produced while connected, and one left over
+from a dead connection is discarded as stale). Status updates stay in flight until their Response;
 the ones a dropped connection leaves unanswered go back to the front of the wire queue, in order.
 
 Nothing the facilitator cannot take is queued: an update whose frame is over

@@ -471,3 +471,18 @@ async def test_memory_send_timeout_when_peer_stops_reading() -> None:
     assert isinstance(caught.value.info.exception, TimeoutError)
     assert not transport.is_connected()
     assert (await peer.wait_disconnected()).code == 1006
+
+
+async def test_the_connection_manager_sends_only_on_an_authenticated_connection() -> None:
+    """``send`` and ``send_many`` refuse before auth (nothing but the auth request goes out before it)."""
+    from streams.config import ClientConfig
+    from streams.connection_manager import ConnectionManager
+    from streams.transport import memory_transport_pair
+
+    client, _peer = memory_transport_pair()
+    manager = ConnectionManager(ClientConfig(url="ws://127.0.0.1:1/ws/v0/"), Keypair.create_from_uri("//Alice"), client)
+    await client.connect()  # the transport is open, but nobody authenticated on it
+    for send in (manager.send("a"), manager.send_many(["a", "b"])):
+        with pytest.raises(TransportClosed, match="not connected"):
+            await send
+    client.abort()
