@@ -16,15 +16,22 @@ from websockets.asyncio.client import connect
 
 from bench.common import ALICE, SimProcess, frames_of, workload
 from bench.throughput import Run
-from streams.protocol import MAX_FRAME_BYTES, V0AuthenticationRequest, encode
+from streams.protocol import MAX_FRAME_BYTES, JobStatus, JobStatusUpdate, V0AuthenticationRequest, encode
 
 
-async def fire_and_forget_run(count: int) -> Run:
+async def fire_and_forget_run(count: int, *, pre_encoded: bool = False) -> Run:
+    """One run of the old design. Its job tasks build each status's frame as they send it, as the old
+    client did (a JobStatusUpdate per status, encoded, sent); ``pre_encoded``: every frame is encoded
+    before the clock starts instead (cheaper than the old design ever was; reported for comparison)."""
     updates = workload(count)
-    frames = frames_of(updates)
     per_job: dict[str, list[str]] = defaultdict(list)
-    for (job, _status), frame in zip(updates, frames, strict=True):
-        per_job[job].append(frame)
+    per_job_updates: dict[str, list[JobStatus]] = defaultdict(list)
+    if pre_encoded:
+        for (job, _status), frame in zip(updates, frames_of(updates), strict=True):
+            per_job[job].append(frame)
+    else:
+        for job, status in updates:
+            per_job_updates[job].append(status)
     async with SimProcess("--accept-unknown-jobs") as sim:
         async with connect(sim.url, max_size=MAX_FRAME_BYTES) as ws:
             await ws.send(encode(V0AuthenticationRequest.from_signer(ALICE)))
@@ -34,6 +41,10 @@ async def fire_and_forget_run(count: int) -> Run:
             async def job_task(job_frames: list[str]) -> None:
                 for frame in job_frames:
                     await ws.send(frame)
+
+            async def encoding_job_task(job: str, statuses: list[JobStatus]) -> None:
+                for status in statuses:
+                    await ws.send(encode(JobStatusUpdate(uuid=job, status=status)))
 
             async def drain_responses() -> None:
                 for _ in range(count):
@@ -46,6 +57,8 @@ async def fire_and_forget_run(count: int) -> Run:
                 async with asyncio.TaskGroup() as group:
                     for job_frames in per_job.values():
                         group.create_task(job_task(job_frames))
+                    for job, statuses in per_job_updates.items():
+                        group.create_task(encoding_job_task(job, statuses))
                 await reader
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             stats = await sim.command("stats")

@@ -130,9 +130,11 @@ class _Outbox(Generic[T]):
             self._all.append(item)
             self._all_sizes.append(size)
             self._all_added += 1
-            self.count += 1
-            self.bytes += size
-            if not self._over():
+            count = self.count = self.count + 1
+            held_bytes = self.bytes = self.bytes + size
+            if (self._max_count is None or count <= self._max_count) and (
+                self._max_bytes is None or held_bytes <= self._max_bytes
+            ):  # (``_over()``, inlined: this runs for every held status update)
                 return ()
             return self._evict([])
         dropped: list[Dropped[T]] = []
@@ -241,19 +243,21 @@ class _HoldSubscription(Generic[T]):
                 self._observer.on_next(item)
             finally:
                 self._emitting = False
-        else:
-            try:
-                policy = self._policy_of(item)
-                size = self._size_of(item) if self._size_of is not None else 0
-            except Exception as exc:  # a failing policy_of/size_of must not lose the item silently
-                self._report([Dropped(item, REASON_SOURCE_ERROR)])
-                self.on_error(exc)
-                return
-            dropped = self._outbox.add(item, policy, size)
-            if dropped:
-                self._report(dropped)
-            self._depth()
-        self._drain()
+            self._drain()  # what the observer pushed meanwhile was held
+            return
+        try:
+            policy = self._policy_of(item)
+            size = self._size_of(item) if self._size_of is not None else 0
+        except Exception as exc:  # a failing policy_of/size_of must not lose the item silently
+            self._report([Dropped(item, REASON_SOURCE_ERROR)])
+            self.on_error(exc)
+            return
+        dropped = self._outbox.add(item, policy, size)
+        if dropped:
+            self._report(dropped)
+        self._depth()
+        if self._open:  # while closed nothing can be released: reopening the gate drains
+            self._drain()
 
     def on_completed(self) -> None:
         if self.stopped:

@@ -229,7 +229,8 @@ def _is_connected(state: ConnectionState) -> bool:
 
 def envelope_of(message: OutboundMessage, now: float) -> Envelope:
     if type(message) is EncodedStatusUpdate:  # the hot path: checked and encoded at report()
-        return Envelope(STATUS_KIND, None, HoldPolicy.KEEP_ALL, now, message.uuid, message.status.value)
+        # (``_value_``: the member's own value string, without the ``value`` property's call)
+        return Envelope(STATUS_KIND, None, HoldPolicy.KEEP_ALL, now, message.uuid, message.status._value_)
     kind = message.message_type
     policy = POLICIES.get(kind)
     if policy is None:

@@ -118,13 +118,14 @@ class JobStatus(enum.StrEnum):
     @property
     def is_final(self) -> bool:
         """A job's status stream ends at its first final status."""
-        return self in FINAL_STATUSES
+        return self._value_ in _FINAL_VALUES  # a str lookup: hashing the member itself runs Enum.__hash__
 
 
 FINAL_STATUSES: frozenset[JobStatus] = frozenset(
     {JobStatus.COMPLETED, JobStatus.REJECTED, JobStatus.FAILED, JobStatus.HORDE_FAILED}
 )
 IN_PROGRESS_STATUSES: frozenset[JobStatus] = frozenset(JobStatus) - FINAL_STATUSES
+_FINAL_VALUES: Final = frozenset(status.value for status in FINAL_STATUSES)
 
 # The real facilitator crashes (drops the connection) on these statuses sent with `metadata: null`.
 _METADATA_REQUIRED: Final = frozenset({JobStatus.COMPLETED, JobStatus.STREAMING_READY})
