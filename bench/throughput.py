@@ -101,16 +101,19 @@ async def client_run(count: int, **config: Any) -> Run:
     return Run("client", count, seconds, cpu, sim_cpu)
 
 
-async def compare(count: int, rounds: int) -> tuple[list[Run], list[Run], list[Run]]:
-    """Alternate baseline, client and fire-and-forget runs, ``rounds`` of each (alternating evens out noise)."""
+async def compare(count: int, rounds: int) -> tuple[list[Run], list[Run], list[Run], list[Run]]:
+    """Alternate baseline, client and the two fire-and-forget runs (frames built per status as the
+    old client did, and pre-encoded), ``rounds`` of each (alternating evens out noise)."""
     from bench.fireforget import fire_and_forget_run
 
     window = bench_config("ws://127.0.0.1:1/").max_in_flight
     baselines: list[Run] = []
     clients: list[Run] = []
     old_design: list[Run] = []
+    old_pre_encoded: list[Run] = []
     for _ in range(rounds):
         baselines.append(await baseline_run(count, window))
         clients.append(await client_run(count))
         old_design.append(await fire_and_forget_run(count))
-    return baselines, clients, old_design
+        old_pre_encoded.append(await fire_and_forget_run(count, pre_encoded=True))
+    return baselines, clients, old_design, old_pre_encoded
