@@ -466,6 +466,20 @@ async def test_drain_is_false_as_soon_as_the_connection_ends() -> None:
             assert not await drain
 
 
+async def test_a_drain_that_times_out_leaves_another_one_waiting_to_see_the_outbox_empty() -> None:
+    async with running() as box:
+        box.connection.up()
+        box.connection.paused = asyncio.Event()  # the write hangs
+        box.enqueue(spec(1))
+        await wait_until(lambda: len(box.connection.attempts) == 1, WAIT, "a write in progress")
+        longer = asyncio.create_task(box.messages.drain(WAIT))
+        assert not await box.messages.drain(0.05)  # gives up while the write hangs; `longer` waits on
+        assert not longer.done()
+        box.connection.paused.set()
+        async with asyncio.timeout(WAIT):
+            assert await longer, "woken by the write's end although the other drain() had left"
+
+
 async def test_drain_waits_for_a_write_in_progress() -> None:
     async with running() as box:
         box.connection.up()
@@ -524,6 +538,24 @@ async def test_the_wire_queue_closes_the_gate_when_full_and_reopens_it_below_hal
         assert await box.messages.drain(WAIT)
         assert seen == expected
         assert box.connection.labels(1) == [f"spec{n}" for n in range(count)]
+
+
+async def test_a_connection_opens_the_gate_only_if_the_wire_queue_is_below_half() -> None:
+    # Three unanswered updates come back to the wire queue at the drop: at the next connection the
+    # gate stays closed (3 >= half of 4) until the send loop has taken the queue below half.
+    async with running(wire_queue_size=4) as box:
+        box.connection.up()
+        box.enqueue(status(1), status(2), status(3))
+        await wait_until(lambda: len(box.connection.written) == 3, WAIT, "three updates in flight")
+        box.connection.down()
+        box.enqueue(*(status(n) for n in range(4, 9)))
+        assert box.messages.current_depth == Depth(held=5, held_bytes=5 * len(envelope_of(status(4), 0).frame),
+                                                   wire=3, in_flight=0)
+        box.connection.up()
+        assert (box.messages.current_depth.wire, box.messages.current_depth.held) == (3, 5)
+        box.connection.answer = SUCCESS
+        assert await box.messages.drain(WAIT)
+        assert box.connection.labels(2) == [f"status{n}" for n in range(1, 9)]
 
 
 async def test_a_backlog_goes_out_in_batches_of_what_is_ready_in_order() -> None:
