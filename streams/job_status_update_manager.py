@@ -22,6 +22,7 @@ from streams.protocol import (
     JobStatusMetadata,
     JobStatusUpdate,
     encoded_status_update,
+    is_facilitator_uuid,
 )
 from streams.safe_subject import LoopSubject
 
@@ -33,14 +34,15 @@ log = logging.getLogger(__name__)
 class JobReporter:
     """The ``report`` callable handed to a dispatcher for one job."""
 
-    __slots__ = ("_manager", "job_uuid")
+    __slots__ = ("_manager", "_uuid_checked", "job_uuid")
 
     def __init__(self, manager: JobStatusUpdateManager, job_uuid: str) -> None:
         self._manager = manager
         self.job_uuid = job_uuid
+        self._uuid_checked = is_facilitator_uuid(job_uuid)  # once per job, not per status
 
     def __call__(self, status: JobStatus | str, metadata: Metadata = None) -> bool:
-        return self._manager.report(self.job_uuid, status, metadata)
+        return self._manager.report(self.job_uuid, status, metadata, uuid_checked=self._uuid_checked)
 
 
 class JobStatusUpdateManager:
@@ -81,7 +83,9 @@ class JobStatusUpdateManager:
     def is_open(self, job_uuid: str) -> bool:
         return job_uuid in self._open
 
-    def report(self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None) -> bool:
+    def report(
+        self, job_uuid: str, status: JobStatus | str, metadata: Metadata = None, *, uuid_checked: bool = False
+    ) -> bool:
         """Queue a status update. False (and a warning) once the job's stream has ended.
 
         Raises ValueError, naming the field, for a status or metadata the facilitator would not
@@ -90,7 +94,7 @@ class JobStatusUpdateManager:
         update (its frame is over ``max_outbound_frame_bytes``); the job's stream then stays open, so a
         smaller final status can still be reported.
         """
-        update = build_update(job_uuid, status, metadata)
+        update = build_update(job_uuid, status, metadata, uuid_checked=uuid_checked)
         if job_uuid not in self._open:
             log.warning("status %s for job %s ignored: its status stream has ended", status, job_uuid)
             return False
@@ -116,7 +120,7 @@ _MAX_ERRORS_SHOWN = 5
 
 
 def build_update(
-    job_uuid: str, status: JobStatus | str, metadata: Metadata = None
+    job_uuid: str, status: JobStatus | str, metadata: Metadata = None, *, uuid_checked: bool = False
 ) -> JobStatusUpdate | EncodedStatusUpdate:
     """The update ``report(status, metadata)`` queues, or a ValueError saying what is wrong.
 
@@ -126,7 +130,7 @@ def build_update(
     and every invalid input, takes the model's validation (and its error message).
     """
     if metadata is None:
-        encoded = encoded_status_update(job_uuid, status)
+        encoded = encoded_status_update(job_uuid, status, uuid_checked=uuid_checked)
         if encoded is not None:
             return encoded
     try:

@@ -87,6 +87,7 @@ __all__ = [
     "encode",
     "encoded_status_update",
     "excerpt",
+    "is_facilitator_uuid",
     "message_kind",
     "status_frame",
     "status_frame_length",
@@ -474,13 +475,21 @@ class EncodedStatusUpdate:
         return f"EncodedStatusUpdate(uuid={self.uuid!r}, status={self.status.value!r})"
 
 
-def encoded_status_update(uuid: object, status: object) -> EncodedStatusUpdate | None:
+def encoded_status_update(uuid: object, status: object, *, uuid_checked: bool = False) -> EncodedStatusUpdate | None:
     """The metadata-less update of job ``uuid``, or None when ``uuid``/``status`` need the full
-    validation (which then gives the error): a str uuid the facilitator can parse, a JobStatus value."""
+    validation (which then gives the error): a str uuid the facilitator can parse, a JobStatus value.
+
+    ``uuid_checked``: ``is_facilitator_uuid(uuid)`` is already known to be true (a job's reporter
+    checks its uuid once, not per status)."""
     member = _STATUS_OF.get(status) if isinstance(status, str) else None
-    if member is None or type(uuid) is not str or _UUID_RE.fullmatch(uuid) is None:
+    if member is None or not (uuid_checked or is_facilitator_uuid(uuid)):
         return None
-    return EncodedStatusUpdate(uuid, member)
+    return EncodedStatusUpdate(uuid, member)  # type: ignore[arg-type]  # a str: checked either way
+
+
+def is_facilitator_uuid(uuid: object) -> bool:
+    """A str the facilitator's UUID lookup accepts (ASCII hex, dashes optional)."""
+    return type(uuid) is str and _UUID_RE.fullmatch(uuid) is not None
 
 
 OutboundMessage: TypeAlias = (

@@ -380,3 +380,25 @@ def test_the_fast_path_accepts_exactly_what_the_model_accepts(job_uuid: Any, sta
 def test_an_unparseable_uuid_still_raises_at_the_call_naming_the_field() -> None:
     with pytest.raises(ValueError, match=r"uuid: .*not a valid UUID"):
         build_update("not-a-uuid", "accepted")
+
+
+@given(job_uuid=st.one_of(st.text(max_size=40), st.uuids().map(str)),
+       status=st.one_of(st.sampled_from([s.value for s in JobStatus]), st.text(max_size=15)))
+@settings(max_examples=200, deadline=None)
+def test_a_jobs_reporter_checks_its_uuid_once_and_accepts_exactly_what_the_model_accepts(
+    job_uuid: str, status: str
+) -> None:
+    manager = JobStatusUpdateManager()  # not started: what is reported is kept for start()
+    report = manager.open(job_uuid)
+    expected = _model_or_error(job_uuid, status)
+    for _ in range(2):  # the uuid is checked when the reporter is made: the second report takes that path too
+        try:
+            report(status)
+        except ValueError as exc:
+            assert isinstance(expected, str), f"{job_uuid!r}/{status!r} refused but the model takes it: {exc}"
+            assert "report()" in str(exc)
+            continue
+        assert isinstance(expected, JobStatusUpdate), f"{job_uuid!r}/{status!r} accepted but the model refuses it"
+        assert encode(manager._early[-1]) == encode(expected)
+        if expected.status.is_final:
+            break  # the job's stream ended
