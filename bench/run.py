@@ -140,8 +140,8 @@ def table(
         f"| 1c | vs the old design: fire-and-forget, a task per job that builds each status's frame and "
         f"sends it, no acks "
         f"| old design {old_rate:,.0f} msgs/s ({old_cpu:.0f} µs CPU per update, client {client_cpu:.0f} µs): "
-        f"client at **{old_ratio:.2f}×** of it; with every frame encoded before its clock starts, "
-        f"{pre_rate:,.0f} msgs/s ({pre_cpu:.0f} µs): client at {client_rate / pre_rate:.2f}× "
+        f"client at **{old_ratio:.3f}×** of it; with every frame encoded before its clock starts, "
+        f"{pre_rate:,.0f} msgs/s ({pre_cpu:.0f} µs): client at {client_rate / pre_rate:.3f}× "
         f"| ≥ {TARGET_OLD_DESIGN}× | {_ok(old_ratio >= TARGET_OLD_DESIGN)} |",
         f"| 1d | The client's own CPU per status update, no sockets (`python -m bench.overhead`: an in-process "
         f"transport that answers every update) | **{median(overhead):.1f} µs** (median of {len(overhead)}) "
