@@ -130,24 +130,14 @@ class FakeConnection:
         self._state.on_next(ConnectionState.DISCONNECTED)
 
     async def send(self, frame: str) -> None:
-        connection_id = self.connection_id
-        self.attempts.append((connection_id, frame))
-        if self.on_write is not None:
-            self.on_write(frame)
-        if self.paused is not None:
-            await self.paused.wait()
-        else:
-            await asyncio.sleep(0)  # a real write yields to the loop
-        if self.dying or not self.is_connected or connection_id != self.connection_id:
-            raise TransportClosed(CloseInfo(1006, "connection lost", None))
-        self.written.append((connection_id, frame))
-        answer = self.answer
-        if answer is not None and label(frame).startswith("status"):
-            asyncio.get_running_loop().call_soon(self._responses.on_next, answer)
+        await self._write([frame])
 
     async def send_many(self, frames: Sequence[str]) -> None:
         """One batch: every frame is attempted, then they are written together or the batch fails."""
         self.batches.append([label(frame) for frame in frames])
+        await self._write(frames)
+
+    async def _write(self, frames: Sequence[str]) -> None:
         connection_id = self.connection_id
         for frame in frames:
             self.attempts.append((connection_id, frame))
@@ -156,7 +146,7 @@ class FakeConnection:
         if self.paused is not None:
             await self.paused.wait()
         else:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a real write yields to the loop
         if self.dying or not self.is_connected or connection_id != self.connection_id:
             raise TransportClosed(CloseInfo(1006, "connection lost", None))
         for frame in frames:
