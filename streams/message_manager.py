@@ -501,15 +501,14 @@ class MessageManager:
                 # The connection is dead; its reader will notice. Unacknowledged status updates come
                 # back through match_acks; anything else goes back to the front, in order.
                 self._broken_connection = connection_id
-                back = []
                 for envelope in batch:
                     self._send_failed.on_next(envelope)
-                    if not envelope.expects_ack and envelope.policy is not HoldPolicy.KEEP_LATEST:
-                        envelope.sends -= 1
-                        back.append(envelope)
-                self._wire.extendleft(reversed(back))
+                self._take_back(batch)
                 self._publish_depth()
                 continue
+            except asyncio.CancelledError:
+                self._take_back(batch)  # stopped mid-write: stop() reports them (or leaves them in the journal)
+                raise
             finally:
                 self._writing = False
             journal = self._journal
@@ -574,6 +573,14 @@ class MessageManager:
             return None  # not yet durable: the journal's next commit wakes the loop (no wait per message)
         return self._wire.popleft()
 
+    def _take_back(self, batch: list[Envelope]) -> None:
+        """A write that did not complete: its spec updates go back to the front, in order (its status
+        updates are in flight: match_acks gives them back unanswered; a heartbeat is not worth keeping)."""
+        back = [e for e in batch if not e.expects_ack and e.policy is not HoldPolicy.KEEP_LATEST]
+        for envelope in back:
+            envelope.sends -= 1
+        self._wire.extendleft(reversed(back))
+
     def _to_priority(self, envelope: Envelope) -> None:
         """The one-slot lane for KEEP_LATEST messages (heartbeats): at most one, the newest."""
         if self._heartbeat is not None:
@@ -596,8 +603,8 @@ class MessageManager:
         limit = self._config.wire_queue_size if self._gate.value else self._reopen_below
         is_open = self._connection.is_connected and len(self._wire) < limit
         if is_open != self._gate.value:
-            # A release moves frames to the wire queue one by one (each publishing its depth "soon",
-            # i.e. once per loop iteration): publish the depth once, after the whole synchronous batch.
+            # A release moves frames to the wire queue one by one (publishing nothing): publish the
+            # depth once, after the whole synchronous batch.
             self._gate.on_next(is_open)
             self._publish_depth()
 

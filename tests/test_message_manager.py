@@ -568,6 +568,18 @@ async def test_a_batch_is_at_most_send_batch_size_frames() -> None:
         assert box.connection.labels(1) == [f"spec{n}" for n in range(7)]  # spec6 alone: a plain send
 
 
+async def test_specs_of_a_batch_stopped_mid_write_are_reported_not_forgotten() -> None:
+    box = make_outbox()
+    await box.messages.start()
+    box.connection.up()
+    box.connection.paused = asyncio.Event()  # the batch's write never completes
+    box.enqueue(spec(1), spec(2), V0Heartbeat())
+    await wait_until(lambda: len(box.connection.attempts) == 3, WAIT, "one batch in progress")
+    await box.messages.stop()
+    assert box.drops() == [("spec1", "disposed"), ("spec2", "disposed")]
+    assert box.sent == [] and box.connection.written == []
+
+
 async def test_a_batch_takes_no_more_status_updates_than_the_ack_window_allows() -> None:
     async with running(max_in_flight=2) as box:
         box.connection.up()
