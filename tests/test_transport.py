@@ -486,3 +486,29 @@ async def test_the_connection_manager_sends_only_on_an_authenticated_connection(
         with pytest.raises(TransportClosed, match="not connected"):
             await send
     client.abort()
+
+
+def test_a_batch_write_handles_end_of_stream_as_websockets_does() -> None:
+    """An empty chunk from the protocol means end-of-stream: half-close when the transport can, else close."""
+    from types import SimpleNamespace
+
+    from streams.transport.websocket import _write_all
+
+    calls: list[object] = []
+
+    def transport(can_write_eof: bool) -> SimpleNamespace:
+        return SimpleNamespace(
+            writelines=lambda chunks: calls.append(list(chunks)),
+            can_write_eof=lambda: can_write_eof,
+            write_eof=lambda: calls.append("eof"),
+            close=lambda: calls.append("close"),
+        )
+
+    _write_all(SimpleNamespace(transport=transport(True)), [b"a", b"b"])  # type: ignore[arg-type]
+    assert calls == [[b"a", b"b"]]
+    calls.clear()
+    _write_all(SimpleNamespace(transport=transport(True)), [b"close-frame", b""])  # type: ignore[arg-type]
+    assert calls == [[b"close-frame"], "eof"]
+    calls.clear()
+    _write_all(SimpleNamespace(transport=transport(False)), [b""])  # type: ignore[arg-type]
+    assert calls == ["close"]
