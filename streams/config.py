@@ -250,7 +250,8 @@ class ClientConfig:
     [1, 1,000,000], default 100."""
     max_in_flight: int = 1_000
     """Status updates sent and not yet acknowledged, at most (the ack window); [1, 1,000,000],
-    default 1,000."""
+    default 1,000. Once full, the window takes more only when a batch's worth is free
+    (``send_batch_size``, at most half the window), so a backlog goes out in batches."""
     wire_queue_size: int = 256
     """Frames released from the outbox to the send loop at once (backpressure watermark);
     [1, 1,000,000], default 256."""

@@ -624,6 +624,52 @@ async def test_the_ack_window_holds_status_updates_until_a_response_frees_a_slot
         assert box.messages.current_depth.in_flight == 2
 
 
+async def test_a_full_ack_window_reopens_only_when_a_batch_worth_is_free() -> None:
+    # max_in_flight 8, batches of 4: once 8 are in flight, status updates wait until only 4 are
+    # (a Response per slot would otherwise send them a frame or two at a time).
+    async with running(max_in_flight=8, send_batch_size=4) as box:
+        box.connection.up()
+        box.enqueue(*(status(n) for n in range(1, 14)))
+        await wait_until(lambda: len(box.connection.written) == 8, WAIT, "the window filled")
+        for _ in range(3):
+            box.responses.on_next(SUCCESS)
+        box.enqueue(V0Heartbeat())  # goes regardless of the window: proves the loop ran after the acks
+        await wait_until(lambda: len(box.connection.written) == 9, WAIT, "the heartbeat")
+        assert box.connection.labels(1)[8:] == ["hb"]
+        assert box.messages.current_depth.in_flight == 5
+        box.responses.on_next(SUCCESS)  # 4 in flight: a batch's worth free
+        await wait_until(lambda: len(box.connection.written) == 13, WAIT, "one refilling batch")
+        assert box.connection.batches[-1] == ["status9", "status10", "status11", "status12"]
+        assert box.messages.current_depth.in_flight == 8
+        for _ in range(4):
+            box.responses.on_next(SUCCESS)
+        await wait_until(lambda: len(box.connection.written) == 14, WAIT, "the last one")
+        assert box.connection.labels(1)[13:] == ["status13"]
+
+
+async def test_the_window_reopens_at_half_when_a_batch_is_bigger_than_half_of_it() -> None:
+    async with running(max_in_flight=6, send_batch_size=64) as box:
+        box.connection.up()
+        box.enqueue(*(status(n) for n in range(1, 11)))
+        await wait_until(lambda: len(box.connection.written) == 6, WAIT, "the window filled")
+        for _ in range(2):
+            box.responses.on_next(SUCCESS)
+        box.enqueue(V0Heartbeat())
+        await wait_until(lambda: len(box.connection.written) == 7, WAIT, "the heartbeat")
+        assert box.connection.labels(1)[6:] == ["hb"]  # 4 in flight: more than half
+        box.responses.on_next(SUCCESS)
+        await wait_until(lambda: len(box.connection.written) == 10, WAIT, "the rest")
+        assert box.connection.batches[-1] == ["status7", "status8", "status9"]
+
+
+async def test_spec_updates_pass_a_shut_window() -> None:
+    async with running(max_in_flight=4, send_batch_size=2) as box:
+        box.connection.up()
+        box.enqueue(*(status(n) for n in range(1, 5)), spec(1))
+        await wait_until(lambda: len(box.connection.written) == 5, WAIT, "window full, then the spec")
+        assert box.connection.labels(1)[4:] == ["spec1"]
+
+
 # -- heartbeats: the priority slot -----------------------------------------------------------------------
 
 
