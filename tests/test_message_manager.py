@@ -648,18 +648,19 @@ async def test_a_full_ack_window_reopens_only_when_a_batch_worth_is_free() -> No
 
 
 async def test_the_window_reopens_at_half_when_a_batch_is_bigger_than_half_of_it() -> None:
-    async with running(max_in_flight=6, send_batch_size=64) as box:
+    # max_in_flight 5: a batch's worth is capped at 5 // 2 = 2 free slots, so it reopens at 3 in flight
+    async with running(max_in_flight=5, send_batch_size=64) as box:
         box.connection.up()
         box.enqueue(*(status(n) for n in range(1, 11)))
-        await wait_until(lambda: len(box.connection.written) == 6, WAIT, "the window filled")
-        for _ in range(2):
-            box.responses.on_next(SUCCESS)
-        box.enqueue(V0Heartbeat())
-        await wait_until(lambda: len(box.connection.written) == 7, WAIT, "the heartbeat")
-        assert box.connection.labels(1)[6:] == ["hb"]  # 4 in flight: more than half
+        await wait_until(lambda: len(box.connection.written) == 5, WAIT, "the window filled")
         box.responses.on_next(SUCCESS)
-        await wait_until(lambda: len(box.connection.written) == 10, WAIT, "the rest")
-        assert box.connection.batches[-1] == ["status7", "status8", "status9"]
+        box.enqueue(V0Heartbeat())
+        await wait_until(lambda: len(box.connection.written) == 6, WAIT, "the heartbeat")
+        assert box.connection.labels(1)[5:] == ["hb"]  # 4 in flight: not yet
+        box.responses.on_next(SUCCESS)
+        await wait_until(lambda: len(box.connection.written) == 8, WAIT, "the refill")
+        assert box.connection.batches[-1] == ["status6", "status7"]
+        assert box.messages.current_depth.in_flight == 5
 
 
 async def test_spec_updates_pass_a_shut_window() -> None:
