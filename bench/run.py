@@ -147,7 +147,8 @@ def table(
         f"| old design {old_rate:,.0f} msgs/s ({old_cpu:.0f} µs CPU per update, client {client_cpu:.0f} µs): "
         f"client at **{old_ratio:.3f}×** of it; with every frame encoded before its clock starts, "
         f"{pre_rate:,.0f} msgs/s ({pre_cpu:.0f} µs): client at {client_rate / pre_rate:.3f}×. "
-        f"The simulator was busy {_busy(clients):.0%} of the client's runs and {_busy(old_design):.0%} "
+        f"The simulator was busy {_busy(clients) * 100:.0f} % of the client's runs and "
+        f"{_busy(old_design) * 100:.0f} % "
         f"of the old design's (its CPU over the run's time): at ~100 % it sets the pace of both "
         f"| ≥ {TARGET_OLD_DESIGN}× | {_ok(old_ratio >= TARGET_OLD_DESIGN)} |",
         f"| 1d | The client's own CPU per status update, no sockets (`python -m bench.overhead`: an in-process "
