@@ -30,6 +30,18 @@ class Recorder:
         report(JobStatus.COMPLETED, {"miner_response": {"docker_process_stdout": "", "docker_process_stderr": ""}})
 
 
+def untrusted_rejection(signatory: str) -> dict[str, Any]:
+    """The metadata of the ``rejected`` status a job from a signatory the validator does not trust gets."""
+    return {
+        "job_rejection_details": {
+            "rejected_by": "validator",
+            "reason": "invalid_signature",
+            "message": f"signatory {signatory} is neither this validator's hotkey nor a trusted signatory "
+            "(to run its jobs, add it to trusted_signatories / run --trusted-signer)",
+        }
+    }
+
+
 async def _send(sim: FacilitatorSimulator, frame: dict[str, Any]) -> dict[str, Any]:
     """Deliver a job request exactly as given (signed here, or tampered with), as a created job."""
     sim.register_job(frame["uuid"], frame)
@@ -48,14 +60,7 @@ async def test_a_job_signed_by_an_untrusted_signatory_is_rejected_and_never_disp
             done = [untrusted["uuid"], trusted["uuid"], own["uuid"]]
             await sim.wait_for(lambda: all(sim.stored[u][-1] in ("rejected", "completed") for u in done), 10, "final")
             assert sim.stored[untrusted["uuid"]] == ["sent", "rejected"]
-            assert sim.stored_metadata[untrusted["uuid"]][-1] == {
-                "job_rejection_details": {
-                    "rejected_by": "validator",
-                    "reason": "invalid_signature",
-                    "message": f"signatory {CHARLIE.ss58_address} is neither this validator's hotkey nor a "
-                    "trusted signatory (to run its jobs, add it to trusted_signatories / run --trusted-signer)",
-                }
-            }
+            assert sim.stored_metadata[untrusted["uuid"]][-1] == untrusted_rejection(CHARLIE.ss58_address)
             assert sim.stored[trusted["uuid"]][-1] == sim.stored[own["uuid"]][-1] == "completed"
             assert dispatcher.jobs == [trusted["uuid"], own["uuid"]]
             (event,) = run.events_of("JOB_REJECTED")
@@ -135,14 +140,7 @@ async def test_with_no_trusted_signatories_only_jobs_signed_by_the_own_hotkey_ru
     assert sim.stored[own["uuid"]] == ["sent", "received", "completed"]
     for job, key in zip(foreign, (CHARLIE, BOB), strict=True):
         assert sim.stored[job["uuid"]] == ["sent", "rejected"]
-        assert sim.stored_metadata[job["uuid"]][-1] == {
-            "job_rejection_details": {
-                "rejected_by": "validator",
-                "reason": "invalid_signature",
-                "message": f"signatory {key.ss58_address} is neither this validator's hotkey nor a trusted "
-                "signatory (to run its jobs, add it to trusted_signatories / run --trusted-signer)",
-            }
-        }
+        assert sim.stored_metadata[job["uuid"]][-1] == untrusted_rejection(key.ss58_address)
     rejected = run.events_of("JOB_REJECTED")
     assert [(e.subtype, e.data["job_uuid"], e.data["signatory"]) for e in rejected] == [
         ("untrusted_signatory", job["uuid"], key.ss58_address) for job, key in zip(foreign, (CHARLIE, BOB), strict=True)
